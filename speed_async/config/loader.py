@@ -1,0 +1,240 @@
+"""Build a `Config` from TOML files, dotted overrides and the reference code's (VeRL) key names.
+
+    Config <- defaults <- TOML file <- `key=value` overrides, then validation
+
+Keys are flattened to dotted paths first (`rollout.n`), aliases are mapped to their native keys, every value is
+checked against its field's type, and only then are the frozen dataclasses built (their `__post_init__` checks
+ranges and cross-field rules). Nothing starts before all of this has passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from speed_async.config.schema import Config
+
+# VeRL / SPEED reference names -> native keys. Boolean switches of the curriculum are handled in `_apply_aliases`.
+ALIASES: dict[str, str] = {
+    "actor_rollout_ref.rollout.n": "rollout.n",
+    "actor_rollout_ref.rollout.n_continue": "rollout.n_continue",
+    "actor_rollout_ref.rollout.temperature": "rollout.temperature",
+    "actor_rollout_ref.rollout.top_p": "rollout.top_p",
+    "actor_rollout_ref.rollout.gpu_memory_utilization": "rollout.gpu_memory_utilization",
+    "actor_rollout_ref.actor.optim.lr": "optim.lr",
+    "actor_rollout_ref.actor.clip_ratio_low": "algorithm.clip_low",
+    "actor_rollout_ref.actor.clip_ratio_high": "algorithm.clip_high",
+    "actor_rollout_ref.actor.clip_ratio_c": "algorithm.clip_c",
+    "actor_rollout_ref.model.path": "model.path",
+    "data.gen_batch_size": "rollout.gen_batch_size",
+    "data.max_response_length": "rollout.max_response_length",
+    "trainer.total_training_steps": "trainer.total_steps",
+    "trainer.test_freq": "trainer.eval_every",
+    "trainer.save_freq": "trainer.save_every",
+    "algorithm.adv_estimator": "algorithm.advantage",
+}
+SWITCHES = ("curriculum.enable", "algorithm.filter_groups.enable")
+
+
+def field_types() -> dict[str, Any]:
+    """Every native dotted key of the config tree and its resolved type annotation."""
+    out: dict[str, Any] = {}
+    for section in dataclasses.fields(Config):
+        section_cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            out[f"{section.name}.{f.name}"] = hints[f.name]
+    return out
+
+
+def field_docs() -> dict[str, str]:
+    """Docstring of every field (the string literal under it in schema.py), keyed by dotted name."""
+    import ast
+    import inspect
+
+    from speed_async.config import schema
+
+    tree = ast.parse(inspect.getsource(schema))
+    docs: dict[str, str] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef) or not node.name.endswith("Config") or node.name == "Config":
+            continue
+        section = node.name.removesuffix("Config").lower()
+        body = node.body
+        for stmt, nxt in itertools.pairwise(body):
+            documented = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and documented:
+                docs[f"{section}.{stmt.target.id}"] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _unknown_key_error(key: str, known: Sequence[str], origin: str) -> ValueError:
+    close = difflib.get_close_matches(key, list(known) + list(ALIASES) + list(SWITCHES), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    section = key.split(".", 1)[0]
+    same = sorted(k for k in known if k.startswith(section + "."))
+    listing = f" Keys of [{section}]: {', '.join(same)}." if same else f" Sections: {_sections()}."
+    return ValueError(f"unknown config key {key!r} (from {origin}){hint}.{listing}")
+
+
+def _sections() -> str:
+    return ", ".join(f.name for f in dataclasses.fields(Config))
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` converted to the field's type, or raise a ValueError naming key, value and type."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ValueError(f"{key} = {value!r} is invalid: allowed values are {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{key} = {value!r} is invalid: expected a list of strings")
+        return tuple(value)
+    if origin in (types.UnionType, typing.Union):
+        raise AssertionError(f"unsupported annotation for {key}: {hint}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} = {value!r} is invalid: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} = {value!r} is invalid: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} = {value!r} is invalid: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} = {value!r} is invalid: expected a string")
+        return value
+    raise AssertionError(f"unsupported annotation for {key}: {hint}")
+
+
+def _apply_aliases(flat: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
+    """Map reference-code names to native keys; `flat` maps key -> (value, origin)."""
+    out: dict[str, tuple[Any, str]] = {}
+    for key, (value, origin) in flat.items():
+        native = ALIASES.get(key, key)
+        if native in out and out[native][0] != value and native != key:
+            raise ValueError(
+                f"{key} = {value!r} (from {origin}) conflicts with {native} = {out[native][0]!r} "
+                f"(from {out[native][1]}): set only one of them"
+            )
+        out[native] = (value, origin)
+    switches = {k: out.pop(k) for k in SWITCHES if k in out}
+    for key, (value, origin) in switches.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} = {value!r} (from {origin}) is invalid: expected true or false")
+    speed = switches.get("curriculum.enable", (None, ""))[0]
+    dapo = switches.get("algorithm.filter_groups.enable", (None, ""))[0]
+    if speed and dapo:
+        raise ValueError(
+            "curriculum.enable = true and algorithm.filter_groups.enable = true are both set: SPEED and DAPO "
+            "dynamic sampling are alternatives; choose one (curriculum.mode = 'speed' or 'dapo')"
+        )
+    if speed is None and dapo is None:
+        return out
+    mode = "speed" if speed else "dapo" if dapo else "none"
+    origin = ", ".join(f"{k} from {o}" for k, (_, o) in switches.items())
+    if "curriculum.mode" in out and out["curriculum.mode"][0] != mode:
+        raise ValueError(
+            f"curriculum.mode = {out['curriculum.mode'][0]!r} conflicts with {origin} (which means {mode!r})"
+        )
+    out["curriculum.mode"] = (mode, origin)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value); the value is read as TOML (`8`, `true`, `["a"]`), else taken as a string."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is invalid: expected key=value, e.g. rollout.n=8")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if not key:
+        raise ValueError(f"override {text!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def build_config(flat_with_origin: Mapping[str, tuple[Any, str]]) -> Config:
+    """Validate dotted keys (with the origin of each value, for messages) and build the frozen tree."""
+    types_by_key = field_types()
+    resolved = _apply_aliases(dict(flat_with_origin))
+    mode = resolved.get("curriculum.mode", ("speed", ""))[0]
+    if mode != "speed" and "rollout.n_continue" not in resolved:
+        # n_continue's default (20) belongs to SPEED; other modes have plain groups unless the user says otherwise.
+        resolved["rollout.n_continue"] = (0, f"curriculum.mode = {mode!r}")
+    sections: dict[str, dict[str, Any]] = {}
+    for key, (value, origin) in resolved.items():
+        if key not in types_by_key:
+            raise _unknown_key_error(key, list(types_by_key), origin)
+        section, name = key.split(".", 1)
+        try:
+            sections.setdefault(section, {})[name] = _check_type(key, value, types_by_key[key])
+        except ValueError as err:
+            raise ValueError(f"{err} (from {origin})") from None
+    hints = typing.get_type_hints(Config)
+    return Config(**{name: hints[name](**values) for name, values in sections.items()})
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the TOML file at `path` (if any), then `key=value` overrides; validated."""
+    flat: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        flat.update({k: (v, str(path)) for k, v in _flatten(tree).items()})
+    for text in overrides:
+        key, value = parse_override(text)
+        flat[key] = (value, "command line")
+    return build_config(flat)
+
+
+def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """The resolved tree as plain data (tuples become lists), for `resolved_config.json`."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_dict(tree: Mapping[str, Any], origin: str = "resolved config") -> Config:
+    """Inverse of `config_to_dict`, with full validation."""
+    return build_config({k: (v, origin) for k, v in _flatten(tree).items()})
+
+
+def write_resolved_config(config: Config, run_dir: str | Path) -> Path:
+    """Write `resolved_config.json` into the run directory and return its path."""
+    out = Path(run_dir) / "resolved_config.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
+    return out

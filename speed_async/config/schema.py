@@ -1,0 +1,319 @@
+"""The typed config tree: one frozen dataclass per section, a docstring per field.
+
+Validation that concerns one section lives in that section's `__post_init__`; rules that span sections live in
+`Config.__post_init__`. Every error is a `ValueError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+INSTRUCTION_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key} = {value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "builtin:tiny"
+    """A Hugging Face model directory, or `builtin:tiny` for the embedded tiny Qwen2 model (built and cached)."""
+    train_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Learner parameter dtype for mixed precision compute (bfloat16 on GPU; float32 on CPU)."""
+    engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """vLLM engine dtype. float32 keeps behaviour log-probs close to the learner's on CPU."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_files: tuple[str, ...] = ("builtin:arithmetic/train",)
+    """Training prompt sources: `.jsonl` ({problem, answer}), VeRL `.parquet`, or `builtin:arithmetic/<split>`."""
+    eval_files: tuple[str, ...] = ("builtin:arithmetic/test",)
+    """Held-out sources evaluated every `trainer.eval_every` steps, reported per data source."""
+    train_batch_size: int = 16
+    """Complete groups (prompts) per RL step (paper: 16)."""
+    max_prompt_length: int = 128
+    """Prompt length limit in tokens; longer prompts are handled by `on_overlong_prompt`, never truncated."""
+    on_overlong_prompt: Literal["error", "skip"] = "error"
+    """`error` stops before training and names the row; `skip` drops the prompt and reports it."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """`error` stops on a malformed row naming file, row and field; `skip` counts and reports it."""
+    chat_template: bool = False
+    """Render prompts with the tokenizer's chat template (paper: on for Qwen2.5-Math)."""
+    prompt_suffix: str = INSTRUCTION_SUFFIX
+    """Appended to every problem (the paper's instruction)."""
+    shuffle: bool = True
+    """Shuffle the training prompts each epoch, deterministically by `trainer.seed` and epoch."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.train_files) > 0, "data.train_files", self.train_files, "at least one source")
+        _require(self.train_batch_size >= 1, "data.train_batch_size", self.train_batch_size, "must be >= 1")
+        _require(self.max_prompt_length >= 1, "data.max_prompt_length", self.max_prompt_length, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    n: int = 4
+    """Samples per prompt in the first generation call: SPEED's screening size n_init (paper: 4), or the whole
+    group size for the base algorithms and DAPO (paper baselines: 24)."""
+    n_continue: int = 20
+    """SPEED only: additional samples for a prompt that qualified (paper: 20); its group is n + n_continue."""
+    gen_batch_size: int = 64
+    """New prompts a sampler screens per generation call (paper: 64); continuations ride along in the same call."""
+    temperature: float = 1.0
+    """Sampling temperature (paper: 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (paper: 1.0)."""
+    max_response_length: int = 64
+    """Maximum generated tokens per response (paper: 3072)."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may take (GPU only)."""
+
+    def __post_init__(self) -> None:
+        _require(self.n >= 1, "rollout.n", self.n, "must be >= 1")
+        _require(self.n_continue >= 0, "rollout.n_continue", self.n_continue, "must be >= 0")
+        _require(self.gen_batch_size >= 1, "rollout.gen_batch_size", self.gen_batch_size, "must be >= 1")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0")
+        _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
+        _require(self.max_response_length >= 1, "rollout.max_response_length", self.max_response_length, ">= 1")
+        _require(
+            0 < self.gpu_memory_utilization <= 1,
+            "rollout.gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "must be in (0, 1]",
+        )
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    mode: Literal["speed", "none", "dapo"] = "speed"
+    """`speed`: screen with rollout.n, continue qualified prompts with rollout.n_continue; `none`: plain groups of
+    rollout.n (RLOO/GRPO); `dapo`: groups of rollout.n, zero-variance groups dropped (DAPO dynamic sampling)."""
+    pass_rate_low: float = 0.0
+    """SPEED qualifies a prompt iff pass_rate_low < screening pass rate < pass_rate_high (paper: 0 and 1)."""
+    pass_rate_high: float = 1.0
+    """Upper end of the open qualification band."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.pass_rate_low < 1, "curriculum.pass_rate_low", self.pass_rate_low, "must be in [0, 1)")
+        _require(
+            self.pass_rate_low < self.pass_rate_high <= 1,
+            "curriculum.pass_rate_high",
+            self.pass_rate_high,
+            f"must be in (pass_rate_low={self.pass_rate_low}, 1]",
+        )
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    advantage: Literal["rloo", "grpo"] = "rloo"
+    """Group-relative advantage: RLOO (leave-one-out, no std) or GRPO (std-normalised; the DAPO runs)."""
+    clip_low: float = 0.2
+    """PPO clip: ratio lower bound 1 - clip_low."""
+    clip_high: float = 0.2
+    """PPO clip: ratio upper bound 1 + clip_high (DAPO clip-higher: 0.28)."""
+    clip_c: float = 10.0
+    """Dual-clip constant for negative advantages (> 1)."""
+    kl_coef: float = 0.0
+    """Coefficient of the low-variance (k3) KL to the initial model; 0 disables the reference model."""
+    off_policy_correction: Literal["none", "tis"] = "none"
+    """`tis`: weight each token by min(pi_old / pi_behaviour, tis_cap) using the samplers' log-probs."""
+    tis_cap: float = 2.0
+    """Truncation cap C of the TIS weights (>= 1)."""
+    overlong_buffer: int = 0
+    """DAPO overlong soft penalty buffer in tokens (paper: 512 of 3072); 0 disables the penalty."""
+    mini_batch_size: int = 16
+    """Groups per optimizer step; train_batch_size / mini_batch_size optimizer steps per RL step, for every
+    algorithm alike."""
+    micro_batch_tokens: int = 8192
+    """Token budget of one forward/backward micro-batch on one learner rank."""
+
+    def __post_init__(self) -> None:
+        _require(self.clip_low >= 0, "algorithm.clip_low", self.clip_low, "must be >= 0")
+        _require(self.clip_high >= 0, "algorithm.clip_high", self.clip_high, "must be >= 0")
+        _require(self.clip_c > 1, "algorithm.clip_c", self.clip_c, "must be > 1")
+        _require(self.kl_coef >= 0, "algorithm.kl_coef", self.kl_coef, "must be >= 0")
+        _require(self.tis_cap >= 1, "algorithm.tis_cap", self.tis_cap, "must be >= 1")
+        _require(self.overlong_buffer >= 0, "algorithm.overlong_buffer", self.overlong_buffer, "must be >= 0")
+        _require(self.mini_batch_size >= 1, "algorithm.mini_batch_size", self.mini_batch_size, "must be >= 1")
+        _require(self.micro_batch_tokens >= 1, "algorithm.micro_batch_tokens", self.micro_batch_tokens, ">= 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """AdamW learning rate, constant after warm-up (paper: 1e-6)."""
+    warmup_steps: int = 10
+    """Linear warm-up in optimizer steps (paper: 10)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (paper: 0.1)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (paper: 1.0); 0 disables it."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "must be in [0, 1)")
+        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    max_staleness: int = 1
+    """k: no group generated by weights more than k versions old is trained on; 0 is synchronous on-policy."""
+    reward_timeout_s: float = 5.0
+    """Hard time limit for scoring one response; a response over it scores 0."""
+    reward_workers: int = 1
+    """Reward worker processes per sampler."""
+    request_timeout_s: float = 60.0
+    """How long a sampler waits for the dispatcher's answer before reporting it unresponsive."""
+    sync_timeout_s: float = 120.0
+    """Timeout of every weight-sync wait (connect, metadata, each bucket)."""
+    sampler_timeout_s: float = 120.0
+    """A sampler silent for this long is declared dead and its in-flight work re-issued."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Messages larger than this are rejected and counted."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_staleness >= 0, "pipeline.max_staleness", self.max_staleness, "must be >= 0")
+        for key in ("reward_timeout_s", "request_timeout_s", "sync_timeout_s", "sampler_timeout_s"):
+            value = getattr(self, key)
+            _require(value > 0, f"pipeline.{key}", value, "must be > 0")
+        _require(self.reward_workers >= 1, "pipeline.reward_workers", self.reward_workers, "must be >= 1")
+        _require(self.max_message_bytes >= 1024, "pipeline.max_message_bytes", self.max_message_bytes, ">= 1024")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_learner_ranks: int = 1
+    """Learner ranks (FSDP2 data parallel) launched by torchrun."""
+    num_samplers: int = 1
+    """vLLM sampler processes."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` picks cuda when available; the weight-sync backend follows (nccl on cuda, gloo on cpu)."""
+    bind_host: str = "127.0.0.1"
+    """Interface the learner's sockets bind to; anything but loopback requires a shared key."""
+    base_port: int = 0
+    """First port of the learner's sockets; 0 picks free ports."""
+    shared_key_file: str = ""
+    """File holding the shared secret that signs every message (or env SPEED_ASYNC_SHARED_KEY)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_learner_ranks >= 1, "cluster.num_learner_ranks", self.num_learner_ranks, "must be >= 1")
+        _require(self.num_samplers >= 1, "cluster.num_samplers", self.num_samplers, "must be >= 1")
+        _require(0 <= self.base_port <= 65535, "cluster.base_port", self.base_port, "must be in [0, 65535]")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    total_steps: int = 40
+    """RL steps to run."""
+    eval_every: int = 10
+    """Evaluate every this many RL steps (and before the first and after the last); 0 disables evaluation."""
+    eval_n: int = 4
+    """Samples per held-out prompt: accuracy is mean@eval_n."""
+    eval_max_prompts: int = 0
+    """Evaluate on at most this many prompts per eval source; 0 means all."""
+    save_every: int = 0
+    """Checkpoint every this many RL steps; 0 saves only at the end."""
+    run_dir: str = ""
+    """Run directory; empty picks runs/<name>-<timestamp>."""
+    name: str = "speed-async"
+    """Run name (run directory, wandb)."""
+    seed: int = 0
+    """Seed of data order, sampling and initialisation."""
+
+    def __post_init__(self) -> None:
+        _require(self.total_steps >= 1, "trainer.total_steps", self.total_steps, "must be >= 1")
+        _require(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "must be >= 0")
+        _require(self.eval_n >= 1, "trainer.eval_n", self.eval_n, "must be >= 1")
+        _require(self.eval_max_prompts >= 0, "trainer.eval_max_prompts", self.eval_max_prompts, "must be >= 0")
+        _require(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
+        _require(self.seed >= 0, "trainer.seed", self.seed, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb_mode: Literal["disabled", "offline", "online"] = "offline"
+    """wandb mode; `online` also needs WANDB_API_KEY in the environment."""
+    wandb_project: str = "speed-async"
+    """wandb project name."""
+    progress: bool = True
+    """Show a progress bar on the terminal."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        mode, n = self.curriculum.mode, self.rollout.n
+        if mode == "speed":
+            _require(
+                n >= 2,
+                "rollout.n",
+                n,
+                "SPEED screens with rollout.n >= 2 samples (one sample never qualifies)",
+            )
+            _require(
+                self.rollout.n_continue >= 1,
+                "rollout.n_continue",
+                self.rollout.n_continue,
+                "must be >= 1 with curriculum.mode = 'speed' (set curriculum.mode = 'none' for plain groups)",
+            )
+        else:
+            _require(n >= 2, "rollout.n", n, f"group-relative advantages need rollout.n >= 2 ({mode} mode)")
+            _require(
+                self.rollout.n_continue == 0,
+                "rollout.n_continue",
+                self.rollout.n_continue,
+                f"must be 0 with curriculum.mode = {mode!r}: only SPEED continues prompts",
+            )
+        tbs, mbs = self.data.train_batch_size, self.algorithm.mini_batch_size
+        _require(
+            tbs % mbs == 0,
+            "algorithm.mini_batch_size",
+            mbs,
+            f"must divide data.train_batch_size = {tbs} (optimizer steps per RL step = train / mini batch)",
+        )
+        _require(
+            self.algorithm.overlong_buffer < self.rollout.max_response_length,
+            "algorithm.overlong_buffer",
+            self.algorithm.overlong_buffer,
+            f"must be < rollout.max_response_length = {self.rollout.max_response_length}",
+        )
+        if self.cluster.num_learner_ranks > 1:
+            _require(
+                mbs % self.cluster.num_learner_ranks == 0,
+                "algorithm.mini_batch_size",
+                mbs,
+                f"must be a multiple of cluster.num_learner_ranks = {self.cluster.num_learner_ranks}",
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Responses per trained group: n + n_continue under SPEED, n otherwise."""
+        return self.rollout.n + (self.rollout.n_continue if self.curriculum.mode == "speed" else 0)
+
+    @property
+    def optimizer_steps_per_rl_step(self) -> int:
+        """train_batch_size / mini_batch_size: the same for every algorithm."""
+        return self.data.train_batch_size // self.algorithm.mini_batch_size
