@@ -1,0 +1,1 @@
+"""Curriculum state: SPEED screening/continuation (sampler side), pacing and bookkeeping (dispatcher side)."""
