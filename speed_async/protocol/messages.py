@@ -1,0 +1,254 @@
+"""The wire messages of speed-async, one frozen dataclass per type; each annotated field line is its schema.
+
+Who sends what:
+```
+  sampler --Hello, WorkRequest, Heartbeat-->        dispatcher   (DEALER -> ROUTER)
+  sampler <--WorkAssignment | NoWork, Shutdown--    dispatcher   (ROUTER -> DEALER)
+  sampler --ScreenReport, RolloutGroup,             learner      (PUSH -> PULL)
+            GroupDropped, SyncDone-->
+  sampler <--JoinSyncGroup, UpdateWeights--         learner      (control channel)
+```
+Ids, epochs, versions and generations are ints >= 0. Version v = the weights after v RL steps.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+
+from speed_async.protocol.schema import Array, Bool, Float, Int, Message, Nested, Record, Str, StrList
+
+NonNegInt = Annotated[int, Int(ge=0)]
+PosInt = Annotated[int, Int(ge=1)]
+Text = Annotated[str, Str()]
+Seconds = Annotated[float, Float(ge=0.0)]
+TokenIds = Annotated[np.ndarray, Array("<i4", ge=0)]
+PromptTokenIds = Annotated[np.ndarray, Array("<i4", min_len=1, ge=0)]
+Versions = Annotated[np.ndarray, Array("<i4", min_len=1, ge=0)]
+Lengths = Annotated[np.ndarray, Array("<i4", min_len=1, ge=0)]
+LogProbs = Annotated[np.ndarray, Array("<f4", finite=True)]
+Rewards = Annotated[np.ndarray, Array("<f4", finite=True)]
+GroupRewards = Annotated[np.ndarray, Array("<f4", min_len=1, finite=True)]
+
+
+class Hello(Message, tag="hello"):
+    """First message of a sampler on the work channel."""
+
+    sampler_id: NonNegInt
+    pid: NonNegInt
+    hostname: Text
+
+
+class WorkRequest(Message, tag="work_request"):
+    """A sampler asks for up to ``max_prompts`` new work items; ``version`` is its current policy version."""
+
+    sampler_id: NonNegInt
+    version: NonNegInt
+    max_prompts: PosInt
+
+
+class WorkItem(Record):
+    """One prompt to generate for (nested in ``WorkAssignment``, never sent alone).
+
+    ``num_screen`` samples are drawn first; if the prompt qualifies, ``num_continue`` more follow
+    (``num_continue == 0``: a plain group of ``num_screen`` responses, no screening).
+    """
+
+    prompt_id: NonNegInt
+    epoch: NonNegInt
+    data_source: Text
+    prompt_token_ids: PromptTokenIds
+    ground_truth: Text
+    num_screen: PosInt
+    num_continue: NonNegInt
+
+
+class WorkAssignment(Message, tag="work_assignment"):
+    """Work for one sampler; ``version`` is the dispatcher's current policy version."""
+
+    items: Annotated[list[WorkItem], Nested(WorkItem, min_len=1)]
+    version: NonNegInt
+
+
+class NoWork(Message, tag="no_work"):
+    """Answer to a ``WorkRequest`` when nothing may be handed out now (e.g. the staleness bound)."""
+
+    retry_after_s: Seconds
+    reason: Text
+
+
+class ScreenReport(Message, tag="screen_report"):
+    """Screening result of one prompt: its ``num_screen`` rewards and whether it qualified."""
+
+    sampler_id: NonNegInt
+    prompt_id: NonNegInt
+    epoch: NonNegInt
+    version: NonNegInt
+    rewards: GroupRewards
+    qualified: Annotated[bool, Bool()]
+
+
+@dataclass(frozen=True, eq=False)
+class Response:
+    """One response of a ``RolloutGroup``: views into its concatenated arrays (not a wire message)."""
+
+    index: int
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    reward: float
+    score: float
+    finish_reason: str
+    version_min: int
+    version_max: int
+
+
+class RolloutGroup(Message, tag="rollout_group"):
+    """A complete group of n responses to one prompt, screening responses first.
+
+    Responses are concatenated: response i is ``response_token_ids[o_i : o_i + response_lengths[i]]``
+    with ``o_i = sum(response_lengths[:i])``; ``response_logprobs`` is aligned with the token ids.
+    ``scores`` is the correctness before any penalty, ``rewards`` the value trained on.
+    ``version_min[i] <= version_max[i]``: the policy versions that generated response i.
+    """
+
+    sampler_id: NonNegInt
+    prompt_id: NonNegInt
+    epoch: NonNegInt
+    data_source: Text
+    prompt_token_ids: PromptTokenIds
+    response_token_ids: TokenIds
+    response_lengths: Lengths
+    response_logprobs: LogProbs
+    rewards: GroupRewards
+    scores: GroupRewards
+    finish_reasons: Annotated[list[str], StrList()]
+    version_min: Versions
+    version_max: Versions
+    num_screen: PosInt
+
+    def _check_consistency(self) -> None:
+        n = len(self.response_lengths)
+        total = int(self.response_lengths.sum(dtype=np.int64))
+        if len(self.response_token_ids) != total:
+            self._bad(
+                "response_token_ids",
+                f"length {len(self.response_token_ids)} != sum(response_lengths) {total}",
+            )
+        if len(self.response_logprobs) != total:
+            self._bad("response_logprobs", f"length {len(self.response_logprobs)} != sum(response_lengths) {total}")
+        for name in ("rewards", "scores", "finish_reasons", "version_min", "version_max"):
+            if len(getattr(self, name)) != n:
+                self._bad(name, f"length {len(getattr(self, name))} != number of responses {n}")
+        if (self.version_min > self.version_max).any():
+            self._bad("version_min", "greater than version_max for some response")
+        if self.num_screen > n:
+            self._bad("num_screen", f"{self.num_screen} > number of responses {n}")
+
+    @property
+    def num_responses(self) -> int:
+        """n, the number of responses in the group."""
+        return len(self.response_lengths)
+
+    @property
+    def group_version(self) -> int:
+        """The group's policy version: the oldest version that generated any of its responses."""
+        return int(self.version_min.min())
+
+    def responses(self) -> Iterator[Response]:
+        """The responses in order, as views into the concatenated arrays (no copies)."""
+        ends = np.cumsum(self.response_lengths, dtype=np.int64)
+        for i, end in enumerate(ends.tolist()):
+            start = end - int(self.response_lengths[i])
+            yield Response(
+                index=i,
+                token_ids=self.response_token_ids[start:end],
+                logprobs=self.response_logprobs[start:end],
+                reward=float(self.rewards[i]),
+                score=float(self.scores[i]),
+                finish_reason=self.finish_reasons[i],
+                version_min=int(self.version_min[i]),
+                version_max=int(self.version_max[i]),
+            )
+
+
+class GroupDropped(Message, tag="group_dropped"):
+    """A prompt that yields no group (rejected by screening, stale, or failed), with the rewards seen so far."""
+
+    sampler_id: NonNegInt
+    prompt_id: NonNegInt
+    epoch: NonNegInt
+    version: NonNegInt
+    reason: Text
+    rewards: Rewards
+
+
+class JoinSyncGroup(Message, tag="join_sync_group"):
+    """Tells a sampler to join weight-sync group ``generation`` at ``master_addr:master_port`` as ``rank``."""
+
+    generation: NonNegInt
+    master_addr: Text
+    master_port: Annotated[int, Int(ge=1, le=65535)]
+    world_size: Annotated[int, Int(ge=2)]
+    rank: PosInt
+    timeout_s: Annotated[float, Float(gt=0.0)]
+
+    def _check_consistency(self) -> None:
+        if self.rank >= self.world_size:
+            self._bad("rank", f"{self.rank} not allowed (allowed: 1 .. world_size - 1 = {self.world_size - 1})")
+
+
+class UpdateWeights(Message, tag="update_weights"):
+    """Weights of ``version`` follow on sync group ``generation`` as ``num_buckets`` broadcasts."""
+
+    version: NonNegInt
+    generation: NonNegInt
+    num_buckets: PosInt
+
+
+class SyncDone(Message, tag="sync_done"):
+    """A sampler loaded the weights of ``version``, taking ``seconds``."""
+
+    sampler_id: NonNegInt
+    version: NonNegInt
+    seconds: Seconds
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    """Periodic liveness: the sampler's version, its number of pending work items, and a state word."""
+
+    sampler_id: NonNegInt
+    version: NonNegInt
+    num_pending: NonNegInt
+    state: Text
+
+
+class Shutdown(Message, tag="shutdown"):
+    """Asks the receiver to stop; ``reason`` is logged."""
+
+    reason: Text
+
+
+class EvalAssignment(Message, tag="eval_assignment"):
+    """Held-out prompts to evaluate on weights ``version`` (``num_screen`` samples each, never trained on).
+
+    A sampler generates them before it loads any newer weights, so the accuracy is exactly version's.
+    """
+
+    items: Annotated[list[WorkItem], Nested(WorkItem, min_len=1)]
+    version: NonNegInt
+
+
+class EvalResult(Message, tag="eval_result"):
+    """Scores of one held-out prompt: one correctness score per sample, and the response lengths."""
+
+    sampler_id: NonNegInt
+    prompt_id: NonNegInt
+    data_source: Text
+    version: NonNegInt
+    scores: GroupRewards
+    response_lengths: Lengths
+
+    def _check_consistency(self) -> None:
+        if len(self.response_lengths) != len(self.scores):
+            self._bad("response_lengths", f"length {len(self.response_lengths)} != number of scores {len(self.scores)}")
