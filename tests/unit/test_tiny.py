@@ -1,0 +1,166 @@
+"""The tiny default model: tokenizer round trip, model build and forward pass, warm-start build and cache."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from speed_async.tiny import warmstart
+from speed_async.tiny.model import TinyModelSpec, build_model, num_parameters, padded_vocab_size, tiny_config
+from speed_async.tiny.tokenizer import EOS_TOKEN, SPECIAL_TOKENS, task_corpus, train_tokenizer
+from speed_async.tiny.warmstart import TinyRecipe, ensure_tiny_model, extract_boxed
+
+# A recipe small enough to build in a few seconds: 2 optimizer steps, 2 held-out prompts x 2 samples.
+SMALL = TinyRecipe(
+    model=TinyModelSpec(hidden_size=64, num_layers=1, head_dim=32, num_kv_heads=1, intermediate_size=64),
+    steps=2,
+    batch_size=4,
+    warmup_steps=1,
+    eval_prompts=2,
+    eval_n=2,
+    max_new_tokens=4,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(task_corpus(seed=0)[:2000], vocab_size=512).save_pretrained(str(out))
+    return out
+
+
+ROUND_TRIP_TEXTS = [
+    "What is 47 + 38? Let's think step by step and output the final answer within \\boxed{}.",
+    "7+8=15, 4+3+1=8. \\boxed{85}",
+    "  two leading spaces, trailing two  ",
+    "line one\nline two\n\n\tindented\r\nwindows line",
+    "digits 0123456789 and 3.14159 and -42",
+    "unicode: é ü ß 中文 🙂 — done",
+    "<|im_start|>user\nhi<|im_end|>",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_tokenizer_round_trips_arbitrary_text(tokenizer_dir: Path, text: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+
+
+def test_tokenizer_splits_digits_and_knows_its_special_tokens(tokenizer_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    pieces = [tokenizer.decode([i]) for i in tokenizer("x 123456")["input_ids"]]
+    assert pieces[-6:] == ["1", "2", "3", "4", "5", "6"]
+    assert tokenizer.eos_token == EOS_TOKEN and tokenizer.pad_token == EOS_TOKEN
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
+    # The instruction's words are learned merges: it costs far fewer tokens than its 71 characters.
+    assert len(tokenizer(" Let's think step by step and output the final answer within \\boxed{}.")["input_ids"]) < 20
+
+
+def test_tokenizer_rejects_a_vocab_without_room_for_merges() -> None:
+    with pytest.raises(ValueError, match="vocab_size=259"):
+        train_tokenizer(["a b"], vocab_size=259)
+
+
+def test_model_builds_deterministically_and_runs_forward() -> None:
+    spec = TinyModelSpec(hidden_size=64, num_layers=2, head_dim=32, num_kv_heads=1, intermediate_size=96)
+    config = tiny_config(spec, vocab_size=padded_vocab_size(309), eos_token_id=0, pad_token_id=0)
+    assert config.vocab_size == 320 and config.tie_word_embeddings
+    first, second = build_model(config, seed=3), build_model(config, seed=3)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(first.lm_head.weight, build_model(config, seed=4).lm_head.weight)
+    # Parameters by hand: embedding 320*64 (tied with lm_head) = 20480; per layer: q 64*64 + 64 bias,
+    # k and v 64*32 + 32 bias each, o 64*64, MLP 3*64*96, two norms 2*64 -> 4160 + 2*2080 + 4096 + 18432
+    # + 128 = 30976; two layers 61952; final norm 64. Total 20480 + 61952 + 64 = 82496.
+    assert num_parameters(first) == 82496
+    logits = first(torch.tensor([[5, 6, 7]])).logits
+    assert logits.shape == (1, 3, 320) and torch.isfinite(logits).all()
+    assert first.generation_config.eos_token_id == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"head_dim": 16}, "head_dim=16"),
+        ({"hidden_size": 100}, "hidden_size=100"),
+        ({"num_kv_heads": 3}, "num_kv_heads=3"),
+    ],
+)
+def test_model_spec_rejects_bad_shapes(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TinyModelSpec(**{"hidden_size": 128, "head_dim": 32, "num_kv_heads": 2, **kwargs})
+
+
+def test_extract_boxed_takes_the_last_box() -> None:
+    assert extract_boxed("1+2=3. \\boxed{3}") == "3"
+    assert extract_boxed("\\boxed{1} then \\boxed{ 2 }") == "2"
+    assert extract_boxed("no box") is None
+
+
+def test_recipe_digest_changes_with_every_field() -> None:
+    base = TinyRecipe()
+    assert base.digest() == TinyRecipe().digest()
+    assert (
+        len({base.digest(), TinyRecipe(steps=1).digest(), TinyRecipe(lr=1e-3).digest(), TinyRecipe(seed=1).digest()})
+        == 4
+    )
+    with pytest.raises(ValueError, match="warmup_steps=-1"):
+        TinyRecipe(warmup_steps=-1)
+    with pytest.raises(ValueError, match="steps=0"):
+        TinyRecipe(steps=0)
+
+
+def test_ensure_tiny_model_builds_once_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    builds = []
+    real_build = warmstart.build_tiny
+
+    def counting_build(out_dir: Path, **kwargs: object) -> Path:
+        builds.append(out_dir)
+        return real_build(out_dir, **kwargs)
+
+    monkeypatch.setattr(warmstart, "build_tiny", counting_build)
+    results: list[Path] = []
+    callers = [
+        threading.Thread(target=lambda: results.append(ensure_tiny_model(tmp_path, recipe=SMALL))) for _ in range(2)
+    ]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(builds) == 1 and results[0] == results[1] == tmp_path / f"tiny-{SMALL.digest()}"
+    assert ensure_tiny_model(tmp_path, recipe=SMALL) == results[0] and len(builds) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([results[0].name, results[0].name + ".lock"])
+
+    model_dir = results[0]
+    info = json.loads((model_dir / "build_info.json").read_text())
+    assert info["recipe"]["steps"] == 2 and info["recipe_digest"] == SMALL.digest()
+    assert sum(info["eval"]["pass_histogram"]) == 2 and len(info["eval"]["pass_histogram"]) == 3
+    assert info["build_seconds"] > 0 and info["num_parameters"] > 0
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    assert model.dtype == torch.float32 and model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.decode(tokenizer("a  b\n\nc 12")["input_ids"]) == "a  b\n\nc 12"
+
+
+def test_ensure_tiny_model_leaves_nothing_after_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crashing_build(out_dir: Path, **kwargs: object) -> Path:
+        (out_dir / "model.safetensors").write_text("half")
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setattr(warmstart, "build_tiny", crashing_build)
+    with pytest.raises(RuntimeError, match="mid-build"):
+        ensure_tiny_model(tmp_path, recipe=SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == [f"tiny-{SMALL.digest()}.lock"]
+
+
+def test_default_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPEED_ASYNC_CACHE", str(tmp_path))
+    assert warmstart.default_cache_dir() == tmp_path
+    monkeypatch.delenv("SPEED_ASYNC_CACHE")
+    assert warmstart.default_cache_dir() == Path.home() / ".cache" / "speed_async"
