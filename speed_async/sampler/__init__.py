@@ -1,0 +1,1 @@
+"""Sampler role: the vLLM engine wrapper (engine.py) and the sampler main loop."""

