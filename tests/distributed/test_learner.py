@@ -353,4 +353,3 @@ def test_save_hf_writes_the_trained_weights(two_ranks: list[dict[str, Any]]) -> 
     for name, tensor in two_ranks[0]["state_after"]:
         assert torch.equal(state[name], tensor), name
     assert AutoTokenizer.from_pretrained(str(saved)) is not None
-
