@@ -1,0 +1,168 @@
+"""Sampler throughput: the bare vLLM engine vs the full sampler pipeline on the same prompts.
+
+The pipeline adds what a sampler does beyond generation: SPEED bookkeeping, decoding, Math-Verify scoring in
+worker processes, msgpack encoding and the ZeroMQ send. Both arms generate `--n` samples for the same
+`--prompts` held-out arithmetic prompts (plain groups, no screening, so the token counts are comparable),
+each in its own fresh process. Prints a table, then one JSON line with `pipeline_over_bare`.
+
+    python benchmarks/sampler_throughput.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import emit, machine, print_table
+
+
+def _prompts(model: str, count: int) -> tuple[list[np.ndarray], list[str]]:
+    from transformers import AutoTokenizer
+
+    from speed_async.data.arithmetic import load_split
+    from speed_async.data.templates import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    records = load_split("test")[:count]
+    return [np.array(tokenizer.encode(render_prompt(r)), np.int32) for r in records], [r.ground_truth for r in records]
+
+
+def bare(model: str, count: int, n: int, max_tokens: int, rounds: int) -> dict[str, float]:
+    """Generation only, in this process."""
+    from speed_async.sampler.engine import Engine, SamplingSettings
+
+    prompts, _ = _prompts(model, count)
+    engine = Engine(model, dtype="float32", max_model_len=256, enforce_eager=True)
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=None)
+    engine.generate(prompts[:4], [n] * 4, settings)  # warm-up
+    tokens, start = 0, time.perf_counter()
+    for _ in range(rounds):
+        out = engine.generate(prompts, [n] * len(prompts), settings)
+        tokens += sum(len(c.token_ids) for comps in out for c in comps)
+    seconds = time.perf_counter() - start
+    engine.close()
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def pipeline(model: str, count: int, n: int, max_tokens: int, rounds: int) -> dict[str, float]:
+    """A real sampler process fed by this process acting as the dispatcher; tokens counted on arrival."""
+    from speed_async.config import load_config
+    from speed_async.protocol import NoWork, RolloutGroup, Shutdown, WorkAssignment, WorkItem, WorkRequest
+    from speed_async.transport import Context, PullSocket, RouterSocket
+    from tests.e2e.harness import kill_group, start_sampler
+
+    prompts, answers = _prompts(model, count)
+    config = load_config(
+        None,
+        [
+            "curriculum.mode=none", f"rollout.n={n}", f"rollout.gen_batch_size={count}",
+            f"rollout.max_response_length={max_tokens}", "rollout.enforce_eager=true", "data.max_prompt_length=192",
+            "pipeline.reward_workers=1",
+        ],
+    )  # fmt: skip
+    ctx = Context()
+    router, pull = RouterSocket(ctx), PullSocket(ctx)
+    endpoints = {"work": router.bind_endpoint("127.0.0.1", 0), "results": pull.bind_endpoint("127.0.0.1", 0)}
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
+    proc = start_sampler(config, run_dir, Path(model), 0, endpoints)
+    items = [
+        WorkItem(prompt_id=i, epoch=0, data_source="arithmetic", prompt_token_ids=p, ground_truth=a,
+                 num_screen=n, num_continue=0)
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+    ]  # fmt: skip
+    # Round 0 is the warm-up (engine and reward workers start); rounds 1..rounds are timed.
+    handed, received, tokens, start = 0, 0, 0, None
+    identity = b""
+    try:
+        while received < (rounds + 1) * count:
+            got = router.recv(0.01)
+            if got is not None:
+                identity, msg = got
+                if isinstance(msg, WorkRequest):
+                    if handed <= rounds and handed * count <= received:
+                        epoch_items = [
+                            WorkItem(**{**{f: getattr(it, f) for f in it.__dataclass_fields__}, "epoch": handed})
+                            for it in items
+                        ]
+                        router.send_to(identity, WorkAssignment(items=epoch_items, version=0))
+                        handed += 1
+                    else:
+                        router.send_to(identity, NoWork(retry_after_s=0.01, reason="bench"))
+            msg = pull.recv(0.01)
+            if isinstance(msg, RolloutGroup):
+                received += 1
+                if received == count:
+                    start = time.perf_counter()
+                elif received > count:
+                    tokens += int(msg.response_lengths.sum())
+        seconds = time.perf_counter() - start
+        router.send_to(identity, Shutdown(reason="bench done"))
+        proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+        router.close()
+        pull.close()
+        ctx.close()
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a reduced run (under 3 minutes on 2 cores)")
+    parser.add_argument("--model", default=None, help="HF model dir (default: the embedded tiny model)")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--arm", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.rounds = 32, 2
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if args.model is None:
+        from speed_async.tiny import ensure_tiny_model
+
+        args.model = str(ensure_tiny_model())
+    if args.arm:  # child process: one arm, one JSON line
+        fn = bare if args.arm == "bare" else pipeline
+        print(json.dumps(fn(args.model, args.prompts, args.n, args.max_tokens, args.rounds)))
+        return
+    import subprocess
+
+    results = {}
+    for arm in ("bare", "pipeline"):
+        argv = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--prompts", str(args.prompts),
+                "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds)]  # fmt: skip
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=1200)
+        results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = results["pipeline"]["tokens_per_s"] / results["bare"]["tokens_per_s"]
+    print(f"sampler throughput: {args.prompts} prompts x n={args.n}, <= {args.max_tokens} tokens, {args.rounds} rounds")
+    print_table(
+        ["arm", "tokens", "seconds", "tokens/s"],
+        [[arm, r["tokens"], r["seconds"], r["tokens_per_s"]] for arm, r in results.items()],
+    )
+    print(f"pipeline / bare = {ratio:.3f}")
+    emit(
+        {
+            "benchmark": "sampler_throughput",
+            "pipeline_over_bare": ratio,
+            **{f"{a}_tokens_per_s": r["tokens_per_s"] for a, r in results.items()},
+            "args": vars(args),
+            "machine": machine(),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
