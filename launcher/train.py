@@ -1,0 +1,205 @@
+"""`speed-async train` on one machine: the learner under torchrun plus the sampler processes, supervised.
+
+Processes are tracked and ended by PID (their own process groups), never by name. A child that exits with an
+error is reported with its role and exit code, and the others are stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from speed_async.config import Config, write_resolved_config
+
+STOP_GRACE_S = 20.0
+
+
+@dataclass
+class Child:
+    """A started role process."""
+
+    role: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def resolve_model(path: str) -> str:
+    """`builtin:tiny` -> the cached embedded tiny model (built on first use); anything else as given."""
+    if path == "builtin:tiny":
+        from speed_async.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    if not Path(path).is_dir():
+        raise ValueError(f"model.path = {path!r} is invalid: not a directory (or use 'builtin:tiny')")
+    return path
+
+
+def make_run_dir(config: Config) -> Path:
+    """The configured run directory, or runs/<name>-<timestamp>."""
+    if config.trainer.run_dir:
+        return Path(config.trainer.run_dir)
+    return Path("runs") / f"{config.trainer.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def cpu_plan(config: Config) -> tuple[list[str], list[str]]:
+    """Cores for the learner and for each sampler on a CPU machine: dedicated cores when there are enough
+    (like dedicated GPUs), otherwise everything shared."""
+    cores = sorted(os.sched_getaffinity(0))
+    learners, samplers = config.cluster.num_learner_ranks, config.cluster.num_samplers
+    if len(cores) < learners + samplers:
+        shared = ",".join(map(str, cores))
+        return [shared], [shared] * samplers
+    per_sampler = max(1, (len(cores) - learners) // samplers)
+    learner_cores = ",".join(map(str, cores[:learners]))
+    rest = cores[learners:]
+    sampler_cores = [",".join(map(str, rest[i * per_sampler : (i + 1) * per_sampler])) for i in range(samplers)]
+    return [learner_cores], sampler_cores
+
+
+def role_commands(config: Config, run_dir: Path, model: str) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(role, argv, extra env) of every process of a single-machine run."""
+    on_cpu = config.cluster.device == "cpu" or (config.cluster.device == "auto" and not _has_cuda())
+    learner_cores, sampler_cores = cpu_plan(config) if on_cpu else ([""], [""] * config.cluster.num_samplers)
+    py = sys.executable
+    learner = [
+        py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.cluster.num_learner_ranks}",
+        "-m", "launcher.roles", "learner", "--run-dir", str(run_dir), "--model", model,
+    ]  # fmt: skip
+    if learner_cores[0]:
+        learner += ["--cpus", learner_cores[0]]
+    cmds: list[tuple[str, list[str], dict[str, str]]] = [("learner", learner, {"OMP_NUM_THREADS": "1"})]
+    for i in range(config.cluster.num_samplers):
+        argv = [py, "-m", "launcher.roles", "sampler", "--run-dir", str(run_dir), "--model", model]
+        argv += ["--sampler-id", str(i)]
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if sampler_cores[i]:
+            argv += ["--cpus", sampler_cores[i]]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = sampler_cores[i]
+        cmds.append((f"sampler[{i}]", argv, env))
+    return cmds
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _start(role: str, argv: list[str], extra_env: dict[str, str], run_dir: Path) -> Child:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("WANDB_MODE", "offline")
+    env.update(extra_env)
+    log_path = run_dir / "logs" / f"{role.replace('[', '-').replace(']', '')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = log_path.open("ab")
+    proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log_file.close()
+    return Child(role, proc, log_path)
+
+
+def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM each child's process group, then SIGKILL what is left after `grace_s` (by PID only)."""
+    for child in children:
+        if child.proc.poll() is None:
+            _signal_group(child.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(child.proc.pid, signal.SIGKILL)
+            child.proc.wait(timeout=10)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def supervise(children: list[Child], progress: object | None = None, poll_s: float = 0.5) -> int:
+    """Wait for the learner to finish; on any child's failure report it and stop the rest. Exit status."""
+    learner = children[0]
+    samplers = children[1:]
+    while True:
+        if progress is not None:
+            progress.update()
+        code = learner.proc.poll()
+        if code is not None:
+            if code != 0:
+                print(
+                    f"speed-async: {learner.role} (pid {learner.proc.pid}) exited with code {code}; "
+                    f"last lines of {learner.log_path}:\n{_tail(learner.log_path)}",
+                    file=sys.stderr,
+                )
+                stop_children(samplers)
+                return 1
+            # The learner told the samplers to stop; give them a moment to exit on their own.
+            stop_children(samplers, grace_s=STOP_GRACE_S)
+            return 0
+        for child in samplers:
+            code = child.proc.poll()
+            if code is not None and code != 0:
+                print(
+                    f"speed-async: {child.role} (pid {child.proc.pid}) exited with code {code}; "
+                    f"last lines of {child.log_path}:\n{_tail(child.log_path)}",
+                    file=sys.stderr,
+                )
+                stop_children(children)
+                return 1
+        time.sleep(poll_s)
+
+
+def run_train(config: Config) -> int:
+    """Run a whole training job on this machine and return its exit status."""
+    from launcher.progress import Progress
+
+    model = resolve_model(config.model.path)
+    run_dir = make_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("endpoints.json",):
+        (run_dir / stale).unlink(missing_ok=True)
+    write_resolved_config(config, run_dir)
+    print(f"speed-async: run directory {run_dir}  (model {model})", flush=True)
+    children = [_start(role, argv, env, run_dir) for role, argv, env in role_commands(config, run_dir, model)]
+    (run_dir / "pids.json").write_text(json.dumps({c.role: c.proc.pid for c in children}))
+    progress = Progress(run_dir, config) if config.logging.progress else None
+    try:
+        status = supervise(children, progress)
+    except KeyboardInterrupt:
+        print("speed-async: interrupted; stopping every process", file=sys.stderr)
+        stop_children(children)
+        status = 130
+    finally:
+        if progress is not None:
+            progress.close()
+    if status == 0:
+        from launcher.report import final_report
+
+        print(final_report(run_dir), flush=True)
+    return status

@@ -1,0 +1,203 @@
+"""The learner role: every rank under torchrun trains; rank 0 also dispatches, publishes weights and logs.
+
+```
+ rank 0:  batch(s) <- dispatcher ─► broadcast_groups ─► train_step ─► gather full state ─► publisher thread:
+ rank r:               broadcast_groups ─► train_step ─► gather full state        announce v=s+1, broadcast
+                                                                                 to samplers, mark published
+```
+Step s trains on groups of versions >= s - k (checked by the dispatcher) and produces version s + 1. The
+gather walks the parameters in the same order on every rank (FSDP `full_tensor()` in lockstep) and nothing
+else runs on the FSDP group meanwhile. Publishing runs in a thread, so with k >= 1 the next step trains while
+the samplers receive the new weights; with k = 0 the dispatcher has no usable work until they have it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from speed_async.config import Config
+from speed_async.learner.batch import TrainGroup
+from speed_async.learner.model import init_distributed, iter_full_state, save_hf
+from speed_async.learner.scatter import broadcast_groups
+from speed_async.learner.train_step import Learner
+
+log = logging.getLogger("speed_async.learner")
+ENDPOINTS_FILE = "endpoints.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def group_metrics(groups: list[TrainGroup], step: int) -> dict[str, float]:
+    """Staleness and group statistics of one step's batch."""
+    lags = np.array([step - g.version for g in groups], dtype=np.float64)
+    sizes = [len(g.responses) for g in groups]
+    pass_rates = [float(np.mean(g.rewards > 0.5)) for g in groups]
+    lengths = [len(r) for g in groups for r in g.responses]
+    return {
+        "staleness/max": float(lags.max()),
+        "staleness/mean": float(lags.mean()),
+        "train/group_size_min": float(min(sizes)),
+        "train/group_size_max": float(max(sizes)),
+        "train/pass_rate_min": float(min(pass_rates)),
+        "train/pass_rate_max": float(max(pass_rates)),
+        "train/reward_mean": float(np.mean([g.rewards.mean() for g in groups])),
+        "train/response_length_mean": float(np.mean(lengths)),
+        "train/response_tokens": float(sum(lengths)),
+    }
+
+
+def run_learner(config: Config, run_dir: Path, model_path: str) -> int:
+    """Entry point of one learner rank (the launcher runs it under torchrun)."""
+    device = init_distributed(resolve_device(config.cluster.device))
+    rank = dist.get_rank()
+    torch.manual_seed(config.trainer.seed)
+    learner = Learner(config, model_path, device)
+    head = _Head(config, run_dir, model_path) if rank == 0 else None
+    try:
+        if head is not None:
+            head.start()
+        for step in range(config.trainer.total_steps):
+            t0 = time.perf_counter()
+            groups = head.next_batch(step) if head is not None else None
+            t_wait = time.perf_counter() - t0
+            groups = broadcast_groups(groups, src=0)
+            stats = learner.train_step(groups, step)
+            t_train = time.perf_counter() - t0 - t_wait
+            named = [(name, tensor) for name, tensor in iter_full_state(learner.model)]
+            t_gather = time.perf_counter() - t0 - t_wait - t_train
+            if head is not None:
+                head.publish(step + 1, named)
+                record = {
+                    "step": step,
+                    "policy_version": step + 1,
+                    "time/step": time.perf_counter() - t0,
+                    "time/wait_batch": t_wait,
+                    "time/train": t_train,
+                    "time/gather": t_gather,
+                    **group_metrics(groups, step),
+                    **{f"train/{k}": v for k, v in stats.items()},
+                }
+                head.log_step(record)
+        if head is not None:
+            head.finish()
+        save_hf(learner.model, model_path, run_dir / "final_model")  # gathers on every rank, rank 0 writes
+        return 0
+    finally:
+        if head is not None:
+            head.close()
+        dist.destroy_process_group()
+
+
+class _Head:
+    """Rank 0's extra duties: dispatcher, weight publisher, evaluation and metrics."""
+
+    def __init__(self, config: Config, run_dir: Path, model_path: str) -> None:
+        from transformers import AutoTokenizer
+
+        from speed_async.data.prepare import prepare_prompts
+        from speed_async.learner.dispatcher import Dispatcher
+        from speed_async.learner.ledger import Ledger
+        from speed_async.learner.publisher import WeightPublisher
+        from speed_async.metrics import MetricsLogger
+        from speed_async.transport import load_shared_key
+
+        self.config = config
+        self.run_dir = run_dir
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        train = prepare_prompts(config.data.train_files, tokenizer, config.data)
+        evals = prepare_prompts(config.data.eval_files, tokenizer, config.data) if config.data.eval_files else None
+        eval_prompts = evals.prompts if evals else []
+        if config.trainer.eval_max_prompts:
+            eval_prompts = eval_prompts[: config.trainer.eval_max_prompts]
+        key = load_shared_key(config.cluster.shared_key_file or None)
+        self.publisher = WeightPublisher(config, device=resolve_device(config.cluster.device))
+        self.ledger = Ledger(run_dir)
+        self.dispatcher = Dispatcher(
+            config, train.prompts, eval_prompts, self.ledger, key=key, sync_master=self.publisher.master
+        )
+        self.publisher.attach(self.dispatcher)
+        self.metrics = MetricsLogger(
+            run_dir,
+            wandb_mode=config.logging.wandb_mode,
+            project=config.logging.wandb_project,
+            name=config.trainer.name,
+            config=json.loads((run_dir / "resolved_config.json").read_text()),
+        )
+        endpoints = {
+            "work": self.dispatcher.work_endpoint,
+            "results": self.dispatcher.results_endpoint,
+            "sync": list(self.publisher.master),
+            "pid": os.getpid(),
+        }
+        tmp = run_dir / (ENDPOINTS_FILE + ".tmp")
+        tmp.write_text(json.dumps(endpoints))
+        tmp.replace(run_dir / ENDPOINTS_FILE)
+        self.t_start = time.time()
+        self.pending_evals: set[int] = set()
+        self.eval_records: dict[int, dict[str, float]] = {}
+
+    def start(self) -> None:
+        pipeline = self.config.pipeline
+        self.dispatcher.start()
+        self.dispatcher.wait_for_samplers(pipeline.sync_timeout_s)
+        self.publisher.form_group(generation=0)
+        if self.config.trainer.eval_every:
+            self._request_eval(0)
+
+    def _request_eval(self, version: int) -> None:
+        self.dispatcher.request_eval(version)
+        self.pending_evals.add(version)
+
+    def next_batch(self, step: int) -> list[TrainGroup]:
+        return self.dispatcher.next_batch(step, timeout_s=self.config.pipeline.sampler_timeout_s * 5)
+
+    def publish(self, version: int, named: list[tuple[str, torch.Tensor]]) -> None:
+        every, last = self.config.trainer.eval_every, self.config.trainer.total_steps
+        want_eval = bool(every) and (version % every == 0 or version == last)
+        self.publisher.publish(version, named, after=(lambda v=version: self._request_eval(v)) if want_eval else None)
+
+    def _collect_evals(self, timeout_s: float = 0.0) -> None:
+        result = self.dispatcher.poll_eval(timeout_s)
+        while result is not None:
+            version, accs = result
+            self.pending_evals.discard(version)
+            record = {"step": version, "policy_version": version, "time/wall": time.time() - self.t_start}
+            record.update({f"eval/{source}/acc": acc for source, acc in accs.items()})
+            self.metrics.log(record)
+            log.info("eval at version %d: %s", version, accs)
+            result = self.dispatcher.poll_eval(0.0)
+
+    def log_step(self, record: dict[str, float]) -> None:
+        record["time/wall"] = time.time() - self.t_start
+        record["weight_sync/seconds"] = self.publisher.last_seconds
+        record["weight_sync/gbps"] = self.publisher.last_gbps
+        record.update(self.dispatcher.state.metrics())
+        self.metrics.log(record)
+        self._collect_evals()
+
+    def finish(self) -> None:
+        self.publisher.wait()
+        deadline = time.monotonic() + self.config.pipeline.sampler_timeout_s
+        while self.pending_evals and time.monotonic() < deadline:
+            self._collect_evals(timeout_s=0.5)
+        if self.pending_evals:
+            log.error("evaluations of versions %s did not finish", sorted(self.pending_evals))
+
+    def close(self) -> None:
+        self.publisher.close()
+        self.dispatcher.stop("training finished")
+        self.metrics.close()
+        self.ledger.close()
