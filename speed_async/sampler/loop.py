@@ -120,7 +120,17 @@ class SamplerLoop:
         self.retry_at = 0.0
         self.last_heartbeat = 0.0
         self.stopping: str | None = None
-        self.stats = {"generated_tokens": 0, "generation_s": 0.0, "calls": 0}
+        # Where the sampler's wall time goes (written to sampler-<id>.json at the end of a run).
+        self.stats = {
+            "generated_tokens": 0,
+            "calls": 0,
+            "generation_s": 0.0,
+            "scoring_s": 0.0,
+            "weight_sync_s": 0.0,
+            "idle_s": 0.0,
+            "wall_s": 0.0,
+        }
+        self.t_first_work: float | None = None  # the stats' window starts with the first work
 
     # ---- messages ----------------------------------------------------------------------------------------
     def _send_control(self, msg: Message) -> None:
@@ -131,6 +141,8 @@ class SamplerLoop:
 
     def _handle(self, msg: Message) -> None:
         if isinstance(msg, WorkAssignment):
+            if self.t_first_work is None:
+                self.t_first_work = time.perf_counter()
             self.request_sent_at = None
             self.assembler.add(_work_from_item(item) for item in msg.items)
         elif isinstance(msg, NoWork):
@@ -201,7 +213,9 @@ class SamplerLoop:
                 text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
                 items.append((text, work.ground_truth))
                 owners.append(i)
+        start = time.perf_counter()
         scores = self.rewards.score_batch(items)
+        self.stats["scoring_s"] += time.perf_counter() - start
         out: list[list[Response]] = [[] for _ in batch]
         buffer, max_len = self.config.algorithm.overlong_buffer, self.config.rollout.max_response_length
         flat = [c for comps in completions for c in comps]
@@ -258,6 +272,7 @@ class SamplerLoop:
         update = self.pending_update
         if update is not None and not (self.eval_items and self.eval_version < update.version):
             seconds = self.engine.receive_weights(update.version)
+            self.stats["weight_sync_s"] += seconds
             self.pending_update = None
             self._send_control(SyncDone(sampler_id=self.sampler_id, version=update.version, seconds=seconds))
         self._maybe_request_work()
@@ -266,7 +281,10 @@ class SamplerLoop:
         eval_batch = [(w, w.num_screen) for w in self.eval_items]
         self.eval_items = []
         if not train_batch and not eval_batch:
+            start = time.perf_counter()
             self._drain(0.05)
+            if self.t_first_work is not None:
+                self.stats["idle_s"] += time.perf_counter() - start
             return self.stopping is None
         responses = self._generate([*train_batch, *eval_batch])
         for (work, _), resp in zip(train_batch, responses[: len(train_batch)], strict=True):
@@ -289,6 +307,8 @@ class SamplerLoop:
         self._send_control(Hello(sampler_id=self.sampler_id, pid=os.getpid(), hostname=socket.gethostname()))
         while self.step():
             pass
+        if self.t_first_work is not None:
+            self.stats["wall_s"] = time.perf_counter() - self.t_first_work
         return self.stopping or "stopped"
 
     def close(self) -> None:
