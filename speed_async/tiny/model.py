@@ -13,17 +13,17 @@ SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 112, 128)
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Shape of the tiny model. Defaults: about 0.63M parameters."""
+    """Shape of the tiny model. Defaults: about 1.2M parameters (8 heads of 32, 4 key/value heads)."""
 
-    hidden_size: int = 128
+    hidden_size: int = 256
     """Width of the residual stream."""
-    num_layers: int = 3
+    num_layers: int = 2
     """Number of decoder layers."""
     head_dim: int = 32
     """Size of one attention head; `hidden_size` must be a multiple of it."""
-    num_kv_heads: int = 2
+    num_kv_heads: int = 4
     """Key/value heads (grouped-query attention); must divide the number of query heads."""
-    intermediate_size: int = 384
+    intermediate_size: int = 512
     """Width of the SwiGLU MLP."""
     max_position_embeddings: int = 512
     """Longest sequence (prompt + response) the model supports."""
