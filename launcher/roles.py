@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="HF model directory")
     parser.add_argument("--sampler-id", type=int, default=0)
     parser.add_argument("--cpus", default=None, help="comma-separated CPU cores to pin this process to")
+    parser.add_argument("--resume", action="store_true", help="learner: continue from the newest checkpoint")
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")
     role = f"learner[{rank}]" if args.role == "learner" else f"sampler[{args.sampler_id}]"
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(len(args.cpus.split(",")))
         from speed_async.learner.main import run_learner
 
-        return run_learner(config, args.run_dir, args.model)
+        return run_learner(config, args.run_dir, args.model, resume=args.resume)
 
     from speed_async.sampler.loop import SamplerEndpoints, SamplerLoop
     from speed_async.transport import load_shared_key

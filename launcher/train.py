@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from speed_async.config import Config, write_resolved_config
+from speed_async.config import Config, config_from_dict, config_to_dict, write_resolved_config
+from speed_async.config.loader import parse_override
 
 STOP_GRACE_S = 20.0
 
@@ -72,8 +73,55 @@ def cpu_plan(config: Config) -> tuple[list[str], list[str]]:
     return [learner_cores], sampler_cores
 
 
-def role_commands(config: Config, run_dir: Path, model: str) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(role, argv, extra env) of every process of a single-machine run."""
+def resume_config(run_dir: Path, config_file: Path | None, overrides: list[str]) -> Config:
+    """The config of `speed-async train --resume run_dir`: the run's resolved_config.json, where only
+    trainer.total_steps may be overridden (raised); anything else is rejected with the key named."""
+    if config_file is not None:
+        raise ValueError("--config cannot be combined with --resume: a resumed run keeps its resolved_config.json")
+    path = run_dir / "resolved_config.json"
+    if not path.is_file():
+        raise ValueError(f"--resume {run_dir}: {path} does not exist (not a run directory)")
+    tree = config_to_dict(config_from_dict(json.loads(path.read_text()), origin=str(path)))
+    for text in overrides:
+        key, value = parse_override(text)
+        if key != "trainer.total_steps":
+            raise ValueError(
+                f"override {key} is not allowed with --resume: a resumed run keeps {path}; only "
+                "trainer.total_steps may be raised"
+            )
+        if not isinstance(value, int) or value < tree["trainer"]["total_steps"]:
+            raise ValueError(
+                f"trainer.total_steps = {value!r} is invalid with --resume: it may only be raised (the run has "
+                f"{tree['trainer']['total_steps']})"
+            )
+        tree["trainer"]["total_steps"] = value
+    tree["trainer"]["run_dir"] = str(run_dir)
+    return config_from_dict(tree, origin=f"{path} (resumed)")
+
+
+def check_resumable(config: Config, run_dir: Path) -> int:
+    """The version of the newest complete checkpoint of `run_dir`; ValueError if there is none or the run is
+    already at trainer.total_steps."""
+    from speed_async.learner.checkpoint import checkpoint_root, latest_checkpoint
+
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise ValueError(
+            f"--resume {run_dir}: no complete checkpoint under {checkpoint_root(run_dir)} (start a new run instead)"
+        )
+    if found[0] >= config.trainer.total_steps:
+        raise ValueError(
+            f"--resume {run_dir}: the newest checkpoint is at step {found[0]} = trainer.total_steps; raise "
+            "trainer.total_steps to train further"
+        )
+    return found[0]
+
+
+def role_commands(
+    config: Config, run_dir: Path, model: str, resume: bool = False
+) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(role, argv, extra env) of every process of a single-machine run (`resume`: the learner continues
+    from the run's newest checkpoint)."""
     on_cpu = config.cluster.device == "cpu" or (config.cluster.device == "auto" and not _has_cuda())
     learner_cores, sampler_cores = cpu_plan(config) if on_cpu else ([""], [""] * config.cluster.num_samplers)
     py = sys.executable
@@ -83,6 +131,8 @@ def role_commands(config: Config, run_dir: Path, model: str) -> list[tuple[str, 
     ]  # fmt: skip
     if learner_cores[0]:
         learner += ["--cpus", learner_cores[0]]
+    if resume:
+        learner.append("--resume")
     cmds: list[tuple[str, list[str], dict[str, str]]] = [("learner", learner, {"OMP_NUM_THREADS": "1"})]
     for i in range(config.cluster.num_samplers):
         argv = [py, "-m", "launcher.roles", "sampler", "--run-dir", str(run_dir), "--model", model]
@@ -175,18 +225,22 @@ def supervise(children: list[Child], progress: object | None = None, poll_s: flo
         time.sleep(poll_s)
 
 
-def run_train(config: Config) -> int:
-    """Run a whole training job on this machine and return its exit status."""
+def run_train(config: Config, resume: bool = False) -> int:
+    """Run a whole training job on this machine and return its exit status (`resume`: continue the run in
+    trainer.run_dir from its newest complete checkpoint, see `resume_config`)."""
     from launcher.progress import Progress
 
     model = resolve_model(config.model.path)
     run_dir = make_run_dir(config)
+    from_step = check_resumable(config, run_dir) if resume else 0
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("endpoints.json",):
         (run_dir / stale).unlink(missing_ok=True)
     write_resolved_config(config, run_dir)
-    print(f"speed-async: run directory {run_dir}  (model {model})", flush=True)
-    children = [_start(role, argv, env, run_dir) for role, argv, env in role_commands(config, run_dir, model)]
+    resumed = f", resuming at step {from_step}" if resume else ""
+    print(f"speed-async: run directory {run_dir}  (model {model}{resumed})", flush=True)
+    commands = role_commands(config, run_dir, model, resume=resume)
+    children = [_start(role, argv, env, run_dir) for role, argv, env in commands]
     (run_dir / "pids.json").write_text(json.dumps({c.role: c.proc.pid for c in children}))
     progress = Progress(run_dir, config) if config.logging.progress else None
     try:

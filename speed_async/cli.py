@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="run a training job on this machine")
     _add_config_args(train)
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its newest complete checkpoint (its resolved_config.json; only "
+        "trainer.total_steps=N may be given, to raise it)",
+    )
 
     config = sub.add_parser("config", help="validate a config and print the resolved tree")
     _add_config_args(config)
@@ -77,6 +84,10 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        from launcher.train import resume_config, run_train
+
+        return run_train(resume_config(args.resume, args.config, args.overrides), resume=True)
     config = _load(args)
     from launcher.train import run_train
 

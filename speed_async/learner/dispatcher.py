@@ -22,6 +22,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -121,6 +122,8 @@ class Dispatcher:
         self._batches: queue.Queue[list[TrainGroup]] = queue.Queue()
         self._evals: queue.Queue[tuple[int, dict[str, float]]] = queue.Queue()
         self._sync_done: queue.Queue[tuple[int, int, float]] = queue.Queue()
+        self._snapshots: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.min_work_version = 0  # a resumed run hands out no work to samplers below the restored version
         self._wanted_step: int | None = None
         self._eval_tally: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self._eval_expected: dict[int, int] = {}
@@ -192,6 +195,36 @@ class Dispatcher:
         """Ask every sampler to join weight-sync group `generation` (learner rank 0 is its rank 0)."""
         self._commands.put(("join", generation, timeout_s))
 
+    def snapshot(self, timeout_s: float) -> dict[str, Any]:
+        """A consistent checkpoint snapshot, taken inside the dispatcher thread: `dispatch`
+        (`DispatchState.state_dict()`), `ready` (the groups of the ready FIFO, in order), `counters` and
+        `ledger_offset` (ledger.jsonl's size at that moment)."""
+        self._commands.put(("snapshot",))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._check()
+            try:
+                return self._snapshots.get(timeout=0.1)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise DispatcherError(f"the dispatcher thread took no snapshot within {timeout_s:.0f} s") from None
+
+    def restore(
+        self, dispatch: dict[str, Any], ready: list[TrainGroup], counters: dict[str, int], version: int
+    ) -> list[Key]:
+        """Load a snapshot before `start()`; no work goes to a sampler below `version` (the restored weights).
+        Returns the keys that were in flight: they are handed out again first (ledger `reissued`)."""
+        assert not self._thread.is_alive(), "restore() before start()"
+        keyed = [((g.epoch, g.prompt_id), g) for g in ready]
+        if [list(k) for k, _ in keyed] != [list(k) for k in dispatch["ready_keys"]]:
+            raise ValueError("checkpoint is inconsistent: the saved ready groups do not match the saved ready keys")
+        self.state.load_state_dict(dispatch, keyed)
+        self.counters = Counter(counters)
+        self.min_work_version = version
+        for epoch, pid in self.state.reissue:
+            self.ledger.write("reissued", pid, epoch, reason="resume")
+        return list(self.state.reissue)
+
     def stop(self, reason: str) -> None:
         """Tell the samplers to stop, then end the thread."""
         self._commands.put(("stop", reason))
@@ -234,6 +267,15 @@ class Dispatcher:
                 self._send_eval(cmd[1])
             elif kind == "join":
                 self._send_join(cmd[1], cmd[2])
+            elif kind == "snapshot":
+                self._snapshots.put(
+                    {
+                        "dispatch": self.state.state_dict(),
+                        "ready": [g for _, g in self.state.ready],
+                        "counters": dict(self.counters),
+                        "ledger_offset": self.ledger.offset(),
+                    }
+                )
             elif kind == "stop":
                 for info in self._live():
                     self.router.send_to(info.identity, Shutdown(reason=cmd[1]))
@@ -337,6 +379,9 @@ class Dispatcher:
         elif isinstance(msg, WorkRequest):
             info = self._touch(msg.sampler_id, msg.version)
             if info is None:
+                return
+            if msg.version < self.min_work_version:
+                self.router.send_to(identity, NoWork(retry_after_s=NO_WORK_RETRY_S, reason="restored weights pending"))
                 return
             keys = self.state.assign(msg.sampler_id, msg.version, msg.max_prompts)
             if not keys:

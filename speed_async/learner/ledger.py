@@ -2,12 +2,14 @@
 
 Events: dispatched, reissued, screened, qualified, rejected, trained, dropped. Each line holds `prompt_id`,
 `epoch`, `event`, the wall time `t`, and where it applies `sampler`, `version`, `pass_rate`, `step`, `lag`,
-`reason`. A resumed run appends to the same file.
+`reason`. A resumed run appends to the same file; lines written after the checkpoint it resumed from stay
+in the file marked `"rolled_back": true` (see speed_async.learner.checkpoint), and `read_ledger` skips them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,16 +34,24 @@ class Ledger:
         record.update(fields)
         self._file.write(json.dumps(record) + "\n")
 
+    def offset(self) -> int:
+        """Bytes in the file so far, every complete line flushed (the checkpoint's resume point)."""
+        self._file.flush()
+        return os.fstat(self._file.fileno()).st_size
+
     def close(self) -> None:
         """Close the file."""
         self._file.close()
 
 
-def read_ledger(run_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Every event of a run's ledger, in order (a torn last line from a killed run is skipped)."""
+def read_ledger(run_dir: str | Path, *, include_rolled_back: bool = False) -> Iterator[dict[str, Any]]:
+    """The events of a run's ledger, in order: the effective history (events rolled back by a resume are
+    skipped unless `include_rolled_back`; a torn last line from a killed run is skipped)."""
     path = Path(run_dir) / "ledger.jsonl"
     for line in path.read_text().splitlines():
         try:
-            yield json.loads(line)
+            event = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if include_rolled_back or not event.get("rolled_back"):
+            yield event

@@ -9,6 +9,11 @@ Step s trains on groups of versions >= s - k (checked by the dispatcher) and pro
 gather walks the parameters in the same order on every rank (FSDP `full_tensor()` in lockstep) and nothing
 else runs on the FSDP group meanwhile. Publishing runs in a thread, so with k >= 1 the next step trains while
 the samplers receive the new weights; with k = 0 the dispatcher has no usable work until they have it.
+
+Checkpoints (speed_async.learner.checkpoint) are written after the step that produces version S when S is a
+multiple of trainer.save_every and at the last step. A resumed run loads the newest complete one on every rank,
+publishes the restored weights (version S) to the samplers, which start from the base model, before any work
+goes out (the dispatcher gives no work to a sampler below S), and continues at step S.
 """
 
 from __future__ import annotations
@@ -25,6 +30,17 @@ import torch.distributed as dist
 
 from speed_async.config import Config
 from speed_async.learner.batch import TrainGroup
+from speed_async.learner.checkpoint import (
+    HeadState,
+    checkpoint_root,
+    effective,
+    latest_checkpoint,
+    load_checkpoint,
+    mark_rolled_back,
+    remove_incomplete,
+    save_checkpoint,
+    should_save,
+)
 from speed_async.learner.model import init_distributed, iter_full_state, save_hf
 from speed_async.learner.scatter import broadcast_groups
 from speed_async.learner.train_step import Learner
@@ -59,17 +75,37 @@ def group_metrics(groups: list[TrainGroup], step: int) -> dict[str, float]:
     }
 
 
-def run_learner(config: Config, run_dir: Path, model_path: str) -> int:
-    """Entry point of one learner rank (the launcher runs it under torchrun)."""
+def _restore(run_dir: Path, learner: Learner) -> tuple[int, HeadState | None]:
+    """Load the newest complete checkpoint of `run_dir` (every rank); rank 0 then removes incomplete ones."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise ValueError(f"no complete checkpoint under {checkpoint_root(run_dir)}: nothing to resume")
+    version, head = load_checkpoint(found[1], learner.model, learner.optimizer, learner.scheduler)
+    if dist.get_rank() == 0:
+        for path in remove_incomplete(run_dir):
+            log.info("removed incomplete checkpoint %s", path)
+    log.info("resumed from %s (version %d)", found[1], version)
+    return version, head
+
+
+def run_learner(config: Config, run_dir: Path, model_path: str, resume: bool = False) -> int:
+    """Entry point of one learner rank (the launcher runs it under torchrun); `resume` continues `run_dir`
+    from its newest complete checkpoint."""
     device = init_distributed(resolve_device(config.cluster.device))
     rank = dist.get_rank()
     torch.manual_seed(config.trainer.seed)
     learner = Learner(config, model_path, device)
-    head = _Head(config, run_dir, model_path) if rank == 0 else None
+    start, restored = _restore(run_dir, learner) if resume else (0, None)
+    head = _Head(config, run_dir, model_path, restored) if rank == 0 else None
     try:
         if head is not None:
             head.start()
-        for step in range(config.trainer.total_steps):
+        if start:
+            # The samplers hold the base model (version 0): publish the restored weights first.
+            named = list(iter_full_state(learner.model))
+            if head is not None:
+                head.publish(start, named)
+        for step in range(start, config.trainer.total_steps):
             t0 = time.perf_counter()
             groups = head.next_batch(step) if head is not None else None
             t_wait = time.perf_counter() - t0
@@ -91,6 +127,12 @@ def run_learner(config: Config, run_dir: Path, model_path: str) -> int:
                     **{f"train/{k}": v for k, v in stats.items()},
                 }
                 head.log_step(record)
+            if should_save(step + 1, config.trainer.save_every, config.trainer.total_steps):
+                t0 = time.perf_counter()
+                snapshot = head.snapshot(step + 1) if head is not None else None
+                path = save_checkpoint(run_dir, step + 1, learner.model, learner.optimizer, learner.scheduler, snapshot)
+                if head is not None:
+                    log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - t0)
         if head is not None:
             head.finish()
         save_hf(learner.model, model_path, run_dir / "final_model")  # gathers on every rank, rank 0 writes
@@ -104,7 +146,7 @@ def run_learner(config: Config, run_dir: Path, model_path: str) -> int:
 class _Head:
     """Rank 0's extra duties: dispatcher, weight publisher, evaluation and metrics."""
 
-    def __init__(self, config: Config, run_dir: Path, model_path: str) -> None:
+    def __init__(self, config: Config, run_dir: Path, model_path: str, restored: HeadState | None = None) -> None:
         from transformers import AutoTokenizer
 
         from speed_async.data.prepare import prepare_prompts
@@ -124,10 +166,16 @@ class _Head:
             eval_prompts = eval_prompts[: config.trainer.eval_max_prompts]
         key = load_shared_key(config.cluster.shared_key_file or None)
         self.publisher = WeightPublisher(config, device=resolve_device(config.cluster.device))
-        self.ledger = Ledger(run_dir)
+        self.evaluated: set[int] = set()
+        if restored is not None:
+            self._roll_back(restored)
+        self.ledger = Ledger(run_dir, resume=restored is not None)
         self.dispatcher = Dispatcher(
             config, train.prompts, eval_prompts, self.ledger, key=key, sync_master=self.publisher.master
         )
+        if restored is not None:
+            reissued = self.dispatcher.restore(restored.dispatch, restored.ready, restored.counters, restored.version)
+            log.info("restored %d ready groups; %d in-flight prompts re-issued", len(restored.ready), len(reissued))
         self.publisher.attach(self.dispatcher)
         self.metrics = MetricsLogger(
             run_dir,
@@ -135,6 +183,7 @@ class _Head:
             project=config.logging.wandb_project,
             name=config.trainer.name,
             config=json.loads((run_dir / "resolved_config.json").read_text()),
+            resume=restored is not None,
         )
         endpoints = {
             "work": self.dispatcher.work_endpoint,
@@ -145,7 +194,8 @@ class _Head:
         tmp = run_dir / (ENDPOINTS_FILE + ".tmp")
         tmp.write_text(json.dumps(endpoints))
         tmp.replace(run_dir / ENDPOINTS_FILE)
-        self.t_start = time.time()
+        self.t_start = time.time() - (restored.wall_s if restored is not None else 0.0)
+        self.resumed = restored is not None
         self.pending_evals: set[int] = set()
         self.eval_records: dict[int, dict[str, float]] = {}
 
@@ -154,8 +204,29 @@ class _Head:
         self.dispatcher.start()
         self.dispatcher.wait_for_samplers(pipeline.sync_timeout_s)
         self.publisher.form_group(generation=0)
-        if self.config.trainer.eval_every:
+        if self.config.trainer.eval_every and not self.resumed:
             self._request_eval(0)
+
+    def _roll_back(self, restored: HeadState) -> None:
+        """Mark the ledger and metrics lines written after the checkpoint rolled back (before reopening them)."""
+        for name, offset in (("ledger.jsonl", restored.ledger_offset), ("metrics.jsonl", restored.metrics_offset)):
+            marked, torn = mark_rolled_back(self.run_dir / name, offset)
+            log.info("%s: %d lines after the checkpoint marked rolled back, %d torn lines dropped", name, marked, torn)
+        records = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+        self.evaluated = {int(r["step"]) for r in effective(records) if any(k.startswith("eval/") for k in r)}
+
+    def snapshot(self, version: int) -> HeadState:
+        """The head's part of checkpoint `version`, taken right after the metrics record of step version - 1."""
+        snap = self.dispatcher.snapshot(timeout_s=self.config.pipeline.sampler_timeout_s)
+        return HeadState(
+            version=version,
+            dispatch=snap["dispatch"],
+            ready=snap["ready"],
+            counters=snap["counters"],
+            ledger_offset=snap["ledger_offset"],
+            metrics_offset=(self.run_dir / "metrics.jsonl").stat().st_size,
+            wall_s=time.time() - self.t_start,
+        )
 
     def _request_eval(self, version: int) -> None:
         self.dispatcher.request_eval(version)
@@ -166,7 +237,7 @@ class _Head:
 
     def publish(self, version: int, named: list[tuple[str, torch.Tensor]]) -> None:
         every, last = self.config.trainer.eval_every, self.config.trainer.total_steps
-        want_eval = bool(every) and (version % every == 0 or version == last)
+        want_eval = bool(every) and (version % every == 0 or version == last) and version not in self.evaluated
         self.publisher.publish(version, named, after=(lambda v=version: self._request_eval(v)) if want_eval else None)
 
     def _collect_evals(self, timeout_s: float = 0.0) -> None:
