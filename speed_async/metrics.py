@@ -64,7 +64,8 @@ class MetricsLogger:
             self._wandb = None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl, in order."""
+def read_metrics(run_dir: str | Path, *, include_rolled_back: bool = False) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order; records undone by a resume are left out unless asked."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records if include_rolled_back else [r for r in records if not r.get("rolled_back")]

@@ -73,9 +73,9 @@ class WeightPublisher:
     ) -> None:
         """Start publishing `version` in the background (after the previous publish has finished)."""
         self.wait()
-        snapshot = [(name, tensor.detach().clone()) for name, tensor in named]
+        # `named` comes from iter_full_state, which yields fresh copies: the next step cannot change them.
         self._thread = threading.Thread(
-            target=self._publish, args=(version, snapshot, after), name=f"publish-v{version}", daemon=True
+            target=self._publish, args=(version, named, after), name=f"publish-v{version}", daemon=True
         )
         self._thread.start()
 

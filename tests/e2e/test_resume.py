@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
 
 from speed_async.learner.checkpoint import effective, latest_checkpoint, unpack_head_state
@@ -47,16 +46,25 @@ def _argv(run_dir: Path, model: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _kill_everything(launcher: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process it started (their own sessions), by PID / process group."""
-    procs = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
-            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+def _kill_everything(launcher: subprocess.Popen, run_dir: Path) -> None:
+    """SIGKILL the launcher and every process group it started (pids.json), by PID, never by name."""
+    pids = json.loads((run_dir / "pids.json").read_text()).values()
+    for pid in [launcher.pid, *pids]:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
     launcher.wait(timeout=30)
-    psutil.wait_procs(procs, timeout=30)
+    for pid in pids:
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -88,7 +96,7 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny_model_di
             assert time.monotonic() < deadline, "no step past the first checkpoint within 240 s"
             time.sleep(0.2)
     finally:
-        _kill_everything(first)
+        _kill_everything(first, run_dir)
     restored = latest_checkpoint(run_dir)
     assert restored is not None
     killed_at = max(_steps(run_dir))
