@@ -11,6 +11,8 @@ EPILOG = """examples:
   speed-async train --config configs/tiny-cpu.toml rollout.n=8 pipeline.max_staleness=2
   speed-async make-tiny --out /tmp/tiny
   speed-async config --config configs/tiny-cpu.toml --explain
+  speed-async eval --model runs/x/final_model --data builtin:arithmetic/test --n 4 --max-tokens 64
+  speed-async plot runs/a runs/b --out accuracy.png
 """
 
 
@@ -47,7 +49,41 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="build the embedded tiny Qwen2 model and tokenizer (warm-started)")
     tiny.add_argument("--out", type=Path, help="output directory (default: the shared cache)")
     tiny.add_argument("--seed", type=int, default=0)
+
+    _add_eval_parser(sub)
+    plot = sub.add_parser("plot", help="plot held-out accuracy against wall-clock and RL steps for several runs")
+    plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (metrics.jsonl)")
+    plot.add_argument("--out", type=Path, required=True, help="the figure to write, e.g. accuracy.png")
     return parser
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="mean@k accuracy of a saved HF model per data source (vLLM + Math-Verify)")
+    ev.add_argument(
+        "--model", required=True, help="a saved HF model directory (e.g. <run>/final_model) or builtin:tiny"
+    )
+    ev.add_argument(
+        "--data",
+        required=True,
+        action="extend",
+        nargs="+",
+        metavar="FILE",
+        help="problem/answer .jsonl, VeRL .parquet or builtin:arithmetic/<split>; repeat for several",
+    )
+    ev.add_argument("--n", type=int, required=True, help="samples per prompt (accuracy is mean@n)")
+    ev.add_argument("--max-prompts", type=int, default=0, help="first M prompts of each file (default 0: all)")
+    ev.add_argument("--max-tokens", type=int, default=1024, help="most tokens per response (default 1024)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    ev.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1.0)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the vLLM engine's sampler (default 0)")
+    ev.add_argument("--chunk-size", type=int, default=128, help="prompts per vLLM generate call (default 128)")
+    ev.add_argument("--chat-template", action="store_true", help="render prompts with the tokenizer's chat template")
+    ev.add_argument("--dtype", default="auto", help="vLLM dtype: auto, float32, bfloat16, float16 (default auto)")
+    ev.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    ev.add_argument("--enforce-eager", action="store_true", help="no torch.compile in vLLM (faster start on CPU)")
+    ev.add_argument("--reward-workers", type=int, default=2, help="Math-Verify worker processes (default 2)")
+    ev.add_argument("--reward-timeout-s", type=float, default=5.0, help="per-response scoring limit (default 5)")
+    ev.add_argument("--out", type=Path, help="write the full results (per source and per prompt) as JSON")
 
 
 def _load(args: argparse.Namespace):
@@ -94,7 +130,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return run_train(config)
 
 
-COMMANDS = {"train": _cmd_train, "config": _cmd_config, "make-tiny": _cmd_make_tiny}
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.evaluate import EvalSettings, run_eval
+
+    settings = EvalSettings(
+        n=args.n,
+        max_prompts=args.max_prompts,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+        chat_template=args.chat_template,
+        dtype=args.dtype,
+        device=args.device,
+        enforce_eager=args.enforce_eager,
+        reward_workers=args.reward_workers,
+        reward_timeout_s=args.reward_timeout_s,
+    )
+    return run_eval(args.model, args.data, settings, args.out)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from launcher.plot import plot_runs
+
+    if not plot_runs(args.run_dirs, args.out):
+        raise ValueError(
+            f"no evaluation records (eval/<source>/acc) in the metrics.jsonl of {list(map(str, args.run_dirs))}"
+        )
+    print(f"plot: {args.out}")
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "config": _cmd_config,
+    "make-tiny": _cmd_make_tiny,
+    "eval": _cmd_eval,
+    "plot": _cmd_plot,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
