@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from speed_async.config import Config
+from speed_async.data.prepare import Prompt
 from speed_async.learner.batch import TrainGroup
 from speed_async.learner.checkpoint import (
     HeadState,
@@ -143,6 +144,19 @@ def run_learner(config: Config, run_dir: Path, model_path: str, resume: bool = F
         dist.destroy_process_group()
 
 
+def _first_per_source(prompts: list[Prompt], limit: int) -> list[Prompt]:
+    """At most `limit` prompts of each data source (all when limit is 0), in their order."""
+    if not limit:
+        return prompts
+    taken: dict[str, int] = {}
+    kept = []
+    for prompt in prompts:
+        if taken.get(prompt.data_source, 0) < limit:
+            taken[prompt.data_source] = taken.get(prompt.data_source, 0) + 1
+            kept.append(prompt)
+    return kept
+
+
 class _Head:
     """Rank 0's extra duties: dispatcher, weight publisher, evaluation and metrics."""
 
@@ -161,9 +175,7 @@ class _Head:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         train = prepare_prompts(config.data.train_files, tokenizer, config.data)
         evals = prepare_prompts(config.data.eval_files, tokenizer, config.data) if config.data.eval_files else None
-        eval_prompts = evals.prompts if evals else []
-        if config.trainer.eval_max_prompts:
-            eval_prompts = eval_prompts[: config.trainer.eval_max_prompts]
+        eval_prompts = _first_per_source(evals.prompts if evals else [], config.trainer.eval_max_prompts)
         key = load_shared_key(config.cluster.shared_key_file or None)
         self.publisher = WeightPublisher(config, device=resolve_device(config.cluster.device))
         self.evaluated: set[int] = set()
