@@ -12,6 +12,8 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
+# The embedded tiny model is built once into the checkout and reused by `make run` and `make test`.
+export SPEED_ASYNC_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: install run test lint clean-venv
 
