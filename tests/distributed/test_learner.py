@@ -44,8 +44,10 @@ from speed_async.learner.scatter import decode_groups, encode_groups
 pytestmark = pytest.mark.distributed
 
 VOCAB = 300  # token ids stay below the tiny tokenizer's size
-# 1 vs 2 ranks after two AdamW steps at lr 1e-3 (float32, gloo). Measured: see test_two_ranks_take_the_same_update.
-PARAM_ATOL = 1e-5
+# 1 vs 2 ranks after two AdamW steps at lr 1e-3 (float32, gloo): summation order differs between the two, and
+# AdamW's m / sqrt(v) magnifies it where gradients are tiny. Measured max |diff|: 1.1e-6 on the 0.63M tiny model,
+# 1.05e-5 on the 1.26M one. A gradient bug is caught by the grad_norm comparison (averaging over ranks halves it).
+PARAM_ATOL = 5e-5
 
 
 def _group(prompt: list[int], responses: list[list[int]], rewards: list[float], **kw: Any) -> TrainGroup:

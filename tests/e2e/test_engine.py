@@ -22,7 +22,7 @@ LOGPROB_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> Iterator[Engine]:
-    eng = Engine(str(tiny_model_dir), dtype="float32", seed=0, max_model_len=1024, enforce_eager=True)
+    eng = Engine(str(tiny_model_dir), dtype="float32", seed=0, max_model_len=512, enforce_eager=True)
     yield eng
     eng.close()
 

@@ -112,7 +112,7 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny_model_di
     )
     assert resumed.returncode == 0, f"resume failed:\n{resumed.stdout[-3000:]}\n{resumed.stderr[-3000:]}"
 
-    records = read_metrics(run_dir)
+    records = read_metrics(run_dir, include_rolled_back=True)
     assert any(r.get("rolled_back") for r in records), "the killed run's records past the checkpoint are marked"
     steps = [r for r in effective(records) if "time/step" in r]
     assert [r["step"] for r in steps] == list(range(STEPS))
