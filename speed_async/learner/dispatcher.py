@@ -121,7 +121,6 @@ class Dispatcher:
         self._commands: queue.Queue[tuple] = queue.Queue()
         self._batches: queue.Queue[list[TrainGroup]] = queue.Queue()
         self._evals: queue.Queue[tuple[int, dict[str, float]]] = queue.Queue()
-        self._sync_done: queue.Queue[tuple[int, int, float]] = queue.Queue()
         self._snapshots: queue.Queue[dict[str, Any]] = queue.Queue()
         self.min_work_version = 0  # a resumed run hands out no work to samplers below the restored version
         self._wanted_step: int | None = None
@@ -130,7 +129,8 @@ class Dispatcher:
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self.counters: Counter[str] = Counter()
-        self.step_stats: dict[str, float] = {}
+        # Latest gauges from the samplers; keys fixed here so the train loop can read it while this thread writes.
+        self.step_stats: dict[str, float] = {"weight_sync/reload_seconds": float("nan")}
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
     # ---- train-loop side (thread-safe) -------------------------------------------------------------------
@@ -394,7 +394,7 @@ class Dispatcher:
             self._touch(msg.sampler_id, msg.version)
         elif isinstance(msg, SyncDone):
             if self._touch(msg.sampler_id, msg.version) is not None:
-                self._sync_done.put((msg.sampler_id, msg.version, msg.seconds))
+                self.step_stats["weight_sync/reload_seconds"] = msg.seconds
         else:
             self.counters[f"unexpected_{type(msg).__name__}"] += 1
 

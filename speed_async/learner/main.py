@@ -268,6 +268,7 @@ class _Head:
         record["weight_sync/seconds"] = self.publisher.last_seconds
         record["weight_sync/gbps"] = self.publisher.last_gbps
         record.update(self.dispatcher.state.metrics())
+        record.update(self.dispatcher.step_stats)  # the samplers' last reload time
         self.metrics.log(record)
         self._collect_evals()
 
