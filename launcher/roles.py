@@ -66,10 +66,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_learner(config, args.run_dir, args.model, resume=args.resume)
 
+    endpoints = wait_for_endpoints(args.run_dir, config.pipeline.sync_timeout_s)
+    return run_sampler(config, args.run_dir, args.model, args.sampler_id, endpoints)
+
+
+def run_sampler(config: Config, run_dir: Path, model: str, sampler_id: int, endpoints: dict) -> int:
+    """Run sampler `sampler_id` against the learner's `endpoints` until the learner stops it; its time
+    budget goes to run_dir/sampler-<id>.json."""
     from speed_async.sampler.loop import SamplerEndpoints, SamplerLoop
     from speed_async.transport import load_shared_key
 
-    endpoints = wait_for_endpoints(args.run_dir, config.pipeline.sync_timeout_s)
     device = config.cluster.device
     if device == "auto":
         import torch
@@ -77,16 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     loop = SamplerLoop(
         config,
-        args.sampler_id,
+        sampler_id,
         SamplerEndpoints(work=endpoints["work"], results=endpoints["results"]),
-        args.model,
+        model,
         key=load_shared_key(config.cluster.shared_key_file or None),
         device=device,
     )
     try:
         reason = loop.run()
         logging.getLogger("speed_async.sampler").info("stopping: %s; stats %s", reason, loop.stats)
-        (args.run_dir / f"sampler-{args.sampler_id}.json").write_text(json.dumps(loop.stats))
+        (run_dir / f"sampler-{sampler_id}.json").write_text(json.dumps(loop.stats))
     finally:
         loop.close()
     return 0

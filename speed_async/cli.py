@@ -9,6 +9,8 @@ from pathlib import Path
 
 EPILOG = """examples:
   speed-async train --config configs/tiny-cpu.toml rollout.n=8 pipeline.max_staleness=2
+  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 \\
+      -m speed_async train --config my.toml cluster.num_learner_ranks=4 cluster.bind_host=0.0.0.0
   speed-async make-tiny --out /tmp/tiny
   speed-async config --config configs/tiny-cpu.toml --explain
   speed-async eval --model runs/x/final_model --data builtin:arithmetic/test --n 4 --max-tokens 64
@@ -32,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="run a training job on this machine")
+    train = sub.add_parser(
+        "train", help="run a training job on this machine (or, under torchrun, one worker of a multi-node run)"
+    )
     _add_config_args(train)
     train.add_argument(
         "--resume",
@@ -120,14 +124,15 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    if args.resume is not None:
-        from launcher.train import resume_config, run_train
+    from launcher.cluster import run_worker, under_torchrun
+    from launcher.train import resume_config, run_train
 
-        return run_train(resume_config(args.resume, args.config, args.overrides), resume=True)
-    config = _load(args)
-    from launcher.train import run_train
-
-    return run_train(config)
+    resume = args.resume is not None
+    config = resume_config(args.resume, args.config, args.overrides) if resume else _load(args)
+    if under_torchrun():
+        # One worker of a multi-node run: the role comes from torchrun's global rank (launcher.cluster).
+        return run_worker(config, resume=resume)
+    return run_train(config, resume=resume)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

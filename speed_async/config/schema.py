@@ -204,6 +204,9 @@ class ClusterConfig:
     """`auto` picks cuda when available; the weight-sync backend follows (nccl on cuda, gloo on cpu)."""
     bind_host: str = "127.0.0.1"
     """Interface the learner's sockets bind to; anything but loopback requires a shared key."""
+    advertise_host: str = ""
+    """Address other nodes use to reach the learner's sockets; empty: bind_host, or this machine's host name
+    when bind_host is a wildcard (0.0.0.0 or ::)."""
     base_port: int = 0
     """First port of the learner's sockets; 0 picks free ports."""
     shared_key_file: str = ""

@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,15 +91,37 @@ def _restore(run_dir: Path, learner: Learner) -> tuple[int, HeadState | None]:
     return version, head
 
 
-def run_learner(config: Config, run_dir: Path, model_path: str, resume: bool = False) -> int:
+def advertised_host(config: Config) -> str:
+    """The address samplers on other machines use for the learner's sockets (cluster.advertise_host)."""
+    if config.cluster.advertise_host:
+        return config.cluster.advertise_host
+    if config.cluster.bind_host in ("0.0.0.0", "::", "*"):
+        return socket.getfqdn()
+    return config.cluster.bind_host
+
+
+def _advertise(endpoint: str, host: str) -> str:
+    """tcp://BIND:PORT -> tcp://HOST:PORT."""
+    port = endpoint.rsplit(":", 1)[1]
+    return f"tcp://{host}:{port}"
+
+
+def run_learner(
+    config: Config,
+    run_dir: Path,
+    model_path: str,
+    resume: bool = False,
+    announce: Callable[[dict], None] | None = None,
+) -> int:
     """Entry point of one learner rank (the launcher runs it under torchrun); `resume` continues `run_dir`
-    from its newest complete checkpoint."""
+    from its newest complete checkpoint. Rank 0 writes its socket endpoints to run_dir/endpoints.json and
+    also hands them to `announce` (the multi-node launcher publishes them on torchrun's store)."""
     device = init_distributed(resolve_device(config.cluster.device))
     rank = dist.get_rank()
     torch.manual_seed(config.trainer.seed)
     learner = Learner(config, model_path, device)
     start, restored = _restore(run_dir, learner) if resume else (0, None)
-    head = _Head(config, run_dir, model_path, restored) if rank == 0 else None
+    head = _Head(config, run_dir, model_path, restored, announce) if rank == 0 else None
     try:
         if head is not None:
             head.start()
@@ -160,7 +184,14 @@ def _first_per_source(prompts: list[Prompt], limit: int) -> list[Prompt]:
 class _Head:
     """Rank 0's extra duties: dispatcher, weight publisher, evaluation and metrics."""
 
-    def __init__(self, config: Config, run_dir: Path, model_path: str, restored: HeadState | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        model_path: str,
+        restored: HeadState | None = None,
+        announce: Callable[[dict], None] | None = None,
+    ) -> None:
         from transformers import AutoTokenizer
 
         from speed_async.data.prepare import prepare_prompts
@@ -183,7 +214,12 @@ class _Head:
             self._roll_back(restored)
         self.ledger = Ledger(run_dir, resume=restored is not None)
         self.dispatcher = Dispatcher(
-            config, train.prompts, eval_prompts, self.ledger, key=key, sync_master=self.publisher.master
+            config,
+            train.prompts,
+            eval_prompts,
+            self.ledger,
+            key=key,
+            sync_master=(advertised_host(config), self.publisher.master[1]),
         )
         if restored is not None:
             reissued = self.dispatcher.restore(restored.dispatch, restored.ready, restored.counters, restored.version)
@@ -197,15 +233,18 @@ class _Head:
             config=json.loads((run_dir / "resolved_config.json").read_text()),
             resume=restored is not None,
         )
+        host = advertised_host(config)
         endpoints = {
-            "work": self.dispatcher.work_endpoint,
-            "results": self.dispatcher.results_endpoint,
-            "sync": list(self.publisher.master),
+            "work": _advertise(self.dispatcher.work_endpoint, host),
+            "results": _advertise(self.dispatcher.results_endpoint, host),
+            "sync": [host, self.publisher.master[1]],
             "pid": os.getpid(),
         }
         tmp = run_dir / (ENDPOINTS_FILE + ".tmp")
         tmp.write_text(json.dumps(endpoints))
         tmp.replace(run_dir / ENDPOINTS_FILE)
+        if announce is not None:
+            announce(endpoints)
         self.t_start = time.time() - (restored.wall_s if restored is not None else 0.0)
         self.resumed = restored is not None
         self.pending_evals: set[int] = set()
