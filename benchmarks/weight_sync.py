@@ -4,13 +4,13 @@ One publish, as the learner and a sampler do it, for Qwen2 models from the tiny 
 about 100M (random init, the tiny model's vocabulary and tokenizer):
 
 - gather: `iter_full_state` of an FSDP2 model (`load_model` under a 1-rank gloo default group) in this process;
-- snapshot: the copy `WeightPublisher.publish` takes of the gathered tensors before its thread sends them;
 - broadcast: `WeightBroadcaster.send` on a 2-rank `SyncGroup` (sender side: metadata, packing, every bucket;
   a bucket's broadcast also waits for the engine to be ready to take it);
 - reload: `Engine.receive_weights` in a real vLLM engine in a second (spawned) process: receive, reload into
   the running model, reset the prefix cache (receiver side, timed by the receiver: the whole call);
 - transfer: from the start of `send` to the end of `receive_weights` (one monotonic clock, both processes);
-- total publish = gather + snapshot + transfer.
+- total publish = gather + transfer (`iter_full_state` yields fresh copies, so the publisher sends them as they
+  are, in place for the tensors bigger than a bucket).
 
 The limit ("bare") is a `ProcessGroupGloo` broadcast of buffers of the same sizes (the same bucket plan)
 between the same two processes, preallocated on both sides, on a group and store of its own; it is timed
@@ -200,11 +200,8 @@ def measure(size: Size, model_dir: Path, reps: int, receiver_cores: str | None) 
         for rep in range(reps + 1):
             version = rep + 1
             t0 = time.perf_counter()
-            named = list(iter_full_state(model))
+            snapshot = list(iter_full_state(model))  # fresh copies, sent as they are (WeightPublisher.publish)
             t1 = time.perf_counter()
-            snapshot = [(name, tensor.detach().clone()) for name, tensor in named]  # as WeightPublisher.publish
-            t2 = time.perf_counter()
-            del named
             cmds.put(("sync", version))
             _expect(replies, "go", proc)
             send_start = time.monotonic()
@@ -226,7 +223,6 @@ def measure(size: Size, model_dir: Path, reps: int, receiver_cores: str | None) 
             rows.append(
                 {
                     "gather_s": t1 - t0,
-                    "snapshot_s": t2 - t1,
                     "broadcast_s": stats.seconds,
                     "reload_s": reload_s,
                     "transfer_s": reload_end - send_start,
@@ -246,7 +242,7 @@ def measure(size: Size, model_dir: Path, reps: int, receiver_cores: str | None) 
     params = sum(t.numel() for _, t in iter_full_state(model))
     del model
     med = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
-    med["total_s"] = statistics.median(r["gather_s"] + r["snapshot_s"] + r["transfer_s"] for r in rows)
+    med["total_s"] = statistics.median(r["gather_s"] + r["transfer_s"] for r in rows)
     return {
         "size": size.name,
         "params": params,
@@ -263,9 +259,9 @@ def measure(size: Size, model_dir: Path, reps: int, receiver_cores: str | None) 
     }
 
 
-HEADERS = ["size", "params", "MB", "gather s", "snapshot s", "broadcast s", "reload s", "transfer s",
+HEADERS = ["size", "params", "MB", "gather s", "broadcast s", "reload s", "transfer s",
            "total publish s", "bare s", "GB/s ours", "GB/s bare", "bw ratio", "e2e ratio", "s/B params"]  # fmt: skip
-KEYS = ["size", "params", "mb", "gather_s", "snapshot_s", "broadcast_s", "reload_s", "transfer_s", "total_s", "bare_s",
+KEYS = ["size", "params", "mb", "gather_s", "broadcast_s", "reload_s", "transfer_s", "total_s", "bare_s",
         "gbps_ours", "gbps_bare", "bandwidth_ratio", "end_to_end_ratio", "s_per_billion_params"]  # fmt: skip
 
 

@@ -124,10 +124,15 @@ def decode_metadata(payload: bytes) -> tuple[int, int, list[TensorMeta]]:
     return version, bucket_bytes, metas
 
 
-def pack(bucket: Bucket, tensors: Sequence[torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    """Copy `tensors` (in `bucket.metas` order) into one flat buffer on `device`."""
+def pack(
+    bucket: Bucket, tensors: Sequence[torch.Tensor], device: torch.device | str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Copy `tensors` (in `bucket.metas` order) into one flat buffer on `device` (`out` when given: a flat
+    tensor of the bucket's dtype and size, e.g. a reused staging buffer)."""
     assert len(tensors) == len(bucket.metas), "one tensor per bucket entry"
-    flat = torch.empty(bucket.numel, dtype=DTYPES[bucket.dtype], device=device)
+    if out is not None:
+        assert out.numel() == bucket.numel and out.dtype == DTYPES[bucket.dtype], "out does not fit the bucket"
+    flat = out if out is not None else torch.empty(bucket.numel, dtype=DTYPES[bucket.dtype], device=device)
     for meta, offset, tensor in zip(bucket.metas, bucket.offsets, tensors, strict=True):
         assert tuple(tensor.shape) == meta.shape and _NAMES[tensor.dtype] == meta.dtype, meta.name
         flat[offset : offset + meta.numel].copy_(tensor.reshape(-1))

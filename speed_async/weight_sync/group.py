@@ -58,6 +58,22 @@ def connect_store(
             time.sleep(0.2)
 
 
+class Pending:
+    """A started broadcast; `wait()` blocks until it completed on this rank (at most the group's timeout)."""
+
+    def __init__(self, work: dist.Work, where: str, timeout: timedelta) -> None:
+        self._work, self._where, self._timeout = work, where, timeout
+
+    def wait(self) -> None:
+        """Raise SyncTimeoutError naming the group, rank and step when it does not complete in time."""
+        try:
+            self._work.wait(self._timeout)
+        except RuntimeError as exc:
+            raise SyncTimeoutError(
+                f"{self._where} did not complete within {self._timeout.total_seconds()} s: {exc}"
+            ) from exc
+
+
 class SyncGroup:
     """One generation of the weight-sync group; rank 0 is the sender (learner rank 0)."""
 
@@ -131,15 +147,20 @@ class SyncGroup:
 
     def broadcast(self, tensor: torch.Tensor, step: str) -> None:
         """Broadcast `tensor` in place from rank 0; `step` names this transfer in a timeout error."""
+        self.broadcast_async(tensor, step).wait()
+
+    def broadcast_async(self, tensor: torch.Tensor, step: str) -> Pending:
+        """Start broadcasting `tensor` in place from rank 0 and return at once; `Pending.wait()` finishes it.
+
+        Collectives run in the order they are started, on every rank; leave `tensor` untouched until then.
+        """
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
+        where = _where(self.generation, self.rank, self.world_size, step)
         try:
-            self._pg.broadcast([tensor], opts).wait(self.timeout)
+            return Pending(self._pg.broadcast([tensor], opts), where, self.timeout)
         except RuntimeError as exc:
-            raise SyncTimeoutError(
-                f"{_where(self.generation, self.rank, self.world_size, step)} did not complete "
-                f"within {self.timeout.total_seconds()} s: {exc}"
-            ) from exc
+            raise SyncTimeoutError(f"{where} could not start: {exc}") from exc
 
     def close(self) -> None:
         """Release the process group (and the store, when this group started or reached it itself)."""

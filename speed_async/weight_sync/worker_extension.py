@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from speed_async.weight_sync.broadcast import receive
+from speed_async.weight_sync.broadcast import BufferPool, receive
 from speed_async.weight_sync.group import SyncGroup
 
 
@@ -25,6 +25,7 @@ class WeightSyncWorkerExtension:
     device: torch.device
     reload_weights: Any  # provided by vLLM's worker
     _weight_sync_group: SyncGroup | None = None
+    _receive_pool: BufferPool | None = None
 
     def init_weight_sync(
         self,
@@ -55,11 +56,16 @@ class WeightSyncWorkerExtension:
         if group is None:
             raise RuntimeError("receive_weights_rpc: no weight-sync group; call init_weight_sync first")
         start = time.perf_counter()
-        incoming = receive(group, self.device)
+        if self._receive_pool is None and group.device.type == "cpu":
+            # On CPU, receive buffers are kept between versions (one extra copy of the weights in host memory):
+            # fresh ones cost a page fault per page. CUDA's caching allocator already reuses device memory.
+            self._receive_pool = BufferPool()
+        incoming = receive(group, self.device, pool=self._receive_pool)
         if incoming.version != version:
             raise RuntimeError(f"weight broadcast carries version {incoming.version}, expected version {version}")
         self.reload_weights(weights_iterator=incoming.tensors(), is_checkpoint_format=True)
         assert incoming.received_buckets == len(incoming.buckets), "reload must consume every bucket"
+        incoming.release()  # the reload has copied every tensor into the model
         return {
             "version": incoming.version,
             "bytes": incoming.nbytes,

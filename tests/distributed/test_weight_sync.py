@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from speed_async.weight_sync.broadcast import SyncStats, WeightBroadcaster, receive
+from speed_async.weight_sync.broadcast import BufferPool, SyncStats, WeightBroadcaster, receive
 from speed_async.weight_sync.buckets import (
     TensorMeta,
     decode_metadata,
@@ -90,29 +90,42 @@ def _weights(seed: int) -> list[tuple[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("bucket_bytes", [64, 1 << 30], ids=["smaller-than-a-tensor", "larger-than-the-model"])
 def test_broadcast_delivers_every_tensor_exactly(bucket_bytes: int) -> None:
-    port, sent = _free_port(), _weights(0)
-    received: dict[str, torch.Tensor] = {}
+    port, versions = _free_port(), {3: _weights(0), 4: _weights(1)}
+    received: dict[int, dict[str, torch.Tensor]] = {}
 
     def receiver() -> None:
         group = SyncGroup.connect("127.0.0.1", port, rank=1, world_size=2, device="cpu", timeout_s=20)
-        incoming = receive(group)
-        assert incoming.version == 3
-        received.update((name, t.clone()) for name, t in incoming.tensors())
+        pool = BufferPool()
+        for _ in versions:  # the second version lands in the buffers the first one used
+            incoming = receive(group, pool=pool)
+            received[incoming.version] = {name: t.clone() for name, t in incoming.tensors()}
+            incoming.release()
         group.close()
 
     thread = threading.Thread(target=receiver)
     thread.start()
     group = SyncGroup.connect("127.0.0.1", port, rank=0, world_size=2, device="cpu", timeout_s=20)
-    stats = WeightBroadcaster(group, bucket_bytes=bucket_bytes).send(sent, version=3)
+    broadcaster = WeightBroadcaster(group, bucket_bytes=bucket_bytes)
+    stats = [broadcaster.send(sent, version=v) for v, sent in versions.items()]
     thread.join(timeout=20)
     group.close()
     # 50*16 + 16*16 + 16 = 1072 float32 (4288 bytes) + 16 bfloat16 (32 bytes) = 4320 bytes.
-    assert stats.bytes == 4320
+    assert stats[0].bytes == 4320
     # 64-byte buckets: proj.bias (64 bytes) and norm (32) fit alone, emb and proj.weight exceed: 4 buckets.
-    assert stats.buckets == (4 if bucket_bytes == 64 else 2)
-    assert set(received) == {name for name, _ in sent}
-    for name, tensor in sent:
-        assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), name
+    assert stats[0].buckets == (4 if bucket_bytes == 64 else 2)
+    assert set(received) == {3, 4}
+    for version, sent in versions.items():
+        assert set(received[version]) == {name for name, _ in sent}
+        for name, tensor in sent:
+            got = received[version][name]
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), (version, name)
+
+
+def test_pack_into_a_reused_buffer() -> None:
+    (bucket,) = plan_buckets([A, C], 1 << 20)
+    out = torch.full((11,), -1.0)
+    flat = pack(bucket, [torch.arange(6.0).view(2, 3), torch.arange(5.0) + 100], "cpu", out=out)
+    assert flat.data_ptr() == out.data_ptr() and out.tolist() == [0, 1, 2, 3, 4, 5, 100, 101, 102, 103, 104]
 
 
 def test_sender_times_out_naming_the_rank_that_never_joined() -> None:
@@ -123,16 +136,18 @@ def test_sender_times_out_naming_the_rank_that_never_joined() -> None:
 
 
 # ---- a vLLM engine in another process receives from this one ---------------------------------------------------
-def _perturbed(model_dir: Path) -> list[tuple[str, torch.Tensor]]:
+def _perturbed(model_dir: Path, seed: int = 1) -> list[tuple[str, torch.Tensor]]:
     """The 'learner's' weights: the tiny model plus seeded noise (same result in every process)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     return [(n, t.detach() + 0.5 * t.std() * torch.randn(t.shape, generator=g)) for n, t in model.state_dict().items()]
 
 
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [(5 * i) % 97 + 1 for i in range(33)]]
+# Small buckets: the broadcast mixes tensors sent in place with packed buckets and keeps two on the wire.
+BUCKET_BYTES = 256 << 10
 
 
 def _receiver_main(model_dir: str, port: int, out: mp.Queue) -> None:
@@ -151,9 +166,14 @@ def _receiver_main(model_dir: str, port: int, out: mp.Queue) -> None:
         engine.init_weight_sync("127.0.0.1", port, 1, 2, "gloo", 30.0)
         seconds = engine.receive_weights(1)
         assert engine.version == 1
-        synced = outputs()
-        engine.load_weights_from_tensors(_perturbed(Path(model_dir)), version=2)
-        out.put(("done", (initial, synced, outputs(), seconds)))
+        synced = [outputs()]
+        engine.receive_weights(2)  # into the receive buffers version 1 used (CPU buffer pool)
+        synced.append(outputs())
+        local = []
+        for seed in (1, 2):
+            engine.load_weights_from_tensors(_perturbed(Path(model_dir), seed), version=10 + seed)
+            local.append(outputs())
+        out.put(("done", (initial, synced, local, seconds)))
     finally:
         engine.close()
 
@@ -161,13 +181,14 @@ def _receiver_main(model_dir: str, port: int, out: mp.Queue) -> None:
 def test_engine_outputs_after_broadcast_equal_a_local_load(tiny_model_dir: Path) -> None:
     ctx = mp.get_context("spawn")
     port, queue = _free_port(), ctx.Queue()
-    weights = _perturbed(tiny_model_dir)
     proc = ctx.Process(target=_receiver_main, args=(str(tiny_model_dir), port, queue))
     proc.start()
     try:
         assert queue.get(timeout=120) == ("ready", None)
         group = SyncGroup.connect("127.0.0.1", port, rank=0, world_size=2, device="cpu", timeout_s=30)
-        stats: SyncStats = WeightBroadcaster(group).send(weights, version=1)
+        broadcaster = WeightBroadcaster(group, bucket_bytes=BUCKET_BYTES)
+        stats: SyncStats = broadcaster.send(_perturbed(tiny_model_dir, 1), version=1)
+        broadcaster.send(_perturbed(tiny_model_dir, 2), version=2)
         tag, (initial, synced, local, receive_s) = queue.get(timeout=60)
         group.close()
     finally:
@@ -179,6 +200,9 @@ def test_engine_outputs_after_broadcast_equal_a_local_load(tiny_model_dir: Path)
         f"sync of {stats.bytes / 1e6:.2f} MB in {stats.buckets} bucket(s): send {stats.seconds:.3f} s "
         f"({stats.gbps:.2f} GB/s), receive + reload + cache reset {receive_s:.3f} s"
     )
-    assert [t for t, _ in synced] != [t for t, _ in initial]  # the broadcast changed the policy
-    assert synced == local  # and it is exactly the policy of the sender's weights
-    assert np.isfinite([lp for _, lps in synced for lp in lps]).all()
+    assert stats.buckets > 4, "several buckets, so the pipeline and the buffer reuse are exercised"
+    assert [t for t, _ in synced[0]] != [t for t, _ in initial]  # the broadcast changed the policy
+    assert synced[0] == local[0]  # and it is exactly the policy of the sender's weights
+    assert synced[1] == local[1], "version 2, received into reused buffers, is exactly the sender's weights"
+    assert synced[1] != synced[0]
+    assert np.isfinite([lp for _, lps in synced[0] for lp in lps]).all()
