@@ -39,7 +39,7 @@ from speed_async.learner.batch import (
 from speed_async.learner.model import build_optimizer, init_distributed, load_model
 
 # Local sums reduced over ranks once per RL step, in this order.
-_SUMS = ("loss", "kl", "clipfrac", "entropy", "tis_weight", "response_tokens")
+_SUMS = ("loss", "kl", "clipfrac", "entropy", "tis_weight", "behaviour_abs_diff", "response_tokens")
 
 
 def token_logprobs(
@@ -149,7 +149,8 @@ class Learner:
         `step` is the RL step index s (the update produces version s + 1); lag metrics are s - group.version.
         Metrics: loss and kl (mean over optimizer steps of the global token-mean losses), grad_norm (mean
         over optimizer steps, before clipping), lr (of the last optimizer step), clipfrac, entropy and
-        tis_weight_mean (global token means), response_tokens, lag_mean, lag_max, and seconds of the
+        tis_weight_mean and behaviour_logprob_abs_diff (|pi_old - pi_behaviour| log-probs: engine/learner
+        mismatch plus staleness) as global token means, response_tokens, lag_mean, lag_max, and seconds of the
         pi_old pass, forward, backward, optimizer and the whole step (rank 0's clock).
         """
         cfg = self.config
@@ -203,6 +204,7 @@ class Learner:
             "clipfrac": reduced["clipfrac"] / num_tokens,
             "entropy": reduced["entropy"] / num_tokens,
             "tis_weight_mean": reduced["tis_weight"] / num_tokens,
+            "behaviour_logprob_abs_diff": reduced["behaviour_abs_diff"] / num_tokens,
             "response_tokens": num_tokens,
             "lag_mean": sum(lags) / len(lags),
             "lag_max": float(max(lags)),
@@ -244,5 +246,6 @@ class Learner:
             "clipfrac": stats["clipfrac"] * num_tokens,
             "entropy": (entropy * mask).sum(),
             "tis_weight": (is_weights * mask).sum() if is_weights is not None else num_tokens,
+            "behaviour_abs_diff": ((old_logprobs - mb.behaviour_logprobs).abs() * mask).sum(),
             "response_tokens": num_tokens,
         }

@@ -158,7 +158,9 @@ class Engine:
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in prompt]) for prompt in prompts]
         outputs = self._llm.generate(requests, params, use_tqdm=False)
         result = []
-        for count, output in zip(n, outputs, strict=True):
+        for i, (count, output) in enumerate(zip(n, outputs, strict=True)):
+            if list(output.prompt_token_ids or []) != requests[i]["prompt_token_ids"]:
+                raise RuntimeError(f"vLLM returned the outputs of another prompt at position {i} of the call")
             samples = sorted(output.outputs, key=lambda o: o.index)
             assert len(samples) == count, f"vLLM returned {len(samples)} samples, asked for {count}"
             result.append([_completion(o) for o in samples])
