@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,34 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import emit, machine, print_table  # noqa: E402
-
-RUN_TIMEOUT_S = 1800.0
-
-
-def default_model() -> str:
-    """The embedded tiny model's directory (built and cached on first use)."""
-    from speed_async.tiny import ensure_tiny_model
-
-    return str(ensure_tiny_model())
-
-
-def run_train(config: str, model: str, run_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
-    """Run `speed-async train` as a subprocess into `run_dir`; return its wall seconds and the load around it.
-
-    Raises RuntimeError naming the run directory and the output tail when the run fails.
-    """
-    argv = [
-        sys.executable, "-m", "speed_async", "train", "--config", config, f"model.path={model}",
-        f"trainer.run_dir={run_dir}", "logging.wandb_mode=disabled", "logging.progress=false", *overrides,
-    ]  # fmt: skip
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
-    seconds = time.perf_counter() - start
-    if out.returncode != 0:
-        tail = "\n".join((out.stdout + out.stderr).splitlines()[-30:])
-        raise RuntimeError(f"speed-async train into {run_dir} exited with code {out.returncode}:\n{tail}")
-    return {"run_s": seconds, "load_before": load_before, "load_after": os.getloadavg()[0]}
+from benchmarks.runs import default_model, run_train  # noqa: E402
 
 
 def read_steps(run_dir: Path) -> list[dict[str, Any]]:

@@ -230,6 +230,9 @@ class TrainerConfig:
     """Evaluate on at most this many prompts per eval source; 0 means all."""
     save_every: int = 0
     """Checkpoint every this many RL steps; 0 saves only at the end."""
+    time_budget_s: float = 0.0
+    """Stop after the RL step that ends past this many seconds of wall-clock (counted from the learner's start,
+    across resumes) and finish as after the last step (evaluation, checkpoint, final model); 0: no budget."""
     run_dir: str = ""
     """Run directory; empty picks runs/<name>-<timestamp>."""
     name: str = "speed-async"
@@ -243,6 +246,7 @@ class TrainerConfig:
         _require(self.eval_n >= 1, "trainer.eval_n", self.eval_n, "must be >= 1")
         _require(self.eval_max_prompts >= 0, "trainer.eval_max_prompts", self.eval_max_prompts, "must be >= 0")
         _require(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
+        _require(self.time_budget_s >= 0, "trainer.time_budget_s", self.time_budget_s, "must be >= 0")
         _require(self.seed >= 0, "trainer.seed", self.seed, "must be >= 0")
 
 

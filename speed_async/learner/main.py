@@ -139,8 +139,9 @@ def run_learner(
             t_train = time.perf_counter() - t0 - t_wait
             named = [(name, tensor) for name, tensor in iter_full_state(learner.model)]
             t_gather = time.perf_counter() - t0 - t_wait - t_train
+            final = step + 1 == config.trainer.total_steps or _agree_over_budget(head, config, device)
             if head is not None:
-                head.publish(step + 1, named)
+                head.publish(step + 1, named, final=final)
                 record = {
                     "step": step,
                     "policy_version": step + 1,
@@ -152,12 +153,16 @@ def run_learner(
                     **{f"train/{k}": v for k, v in stats.items()},
                 }
                 head.log_step(record)
-            if should_save(step + 1, config.trainer.save_every, config.trainer.total_steps):
+            if final or should_save(step + 1, config.trainer.save_every, config.trainer.total_steps):
                 t0 = time.perf_counter()
                 snapshot = head.snapshot(step + 1) if head is not None else None
                 path = save_checkpoint(run_dir, step + 1, learner.model, learner.optimizer, learner.scheduler, snapshot)
                 if head is not None:
                     log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - t0)
+            if final:
+                if head is not None and step + 1 < config.trainer.total_steps:
+                    log.info("trainer.time_budget_s = %s reached after step %d", config.trainer.time_budget_s, step)
+                break
         if head is not None:
             head.finish()
         save_hf(learner.model, model_path, run_dir / "final_model")  # gathers on every rank, rank 0 writes
@@ -166,6 +171,16 @@ def run_learner(
         if head is not None:
             head.close()
         dist.destroy_process_group()
+
+
+def _agree_over_budget(head: _Head | None, config: Config, device: torch.device) -> bool:
+    """Whether rank 0's wall clock is past trainer.time_budget_s, agreed by every rank (one broadcast)."""
+    budget = config.trainer.time_budget_s
+    if not budget:
+        return False
+    flag = torch.tensor([head is not None and time.time() - head.t_start >= budget], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _first_per_source(prompts: list[Prompt], limit: int) -> list[Prompt]:
@@ -286,9 +301,10 @@ class _Head:
     def next_batch(self, step: int) -> list[TrainGroup]:
         return self.dispatcher.next_batch(step, timeout_s=self.config.pipeline.sampler_timeout_s * 5)
 
-    def publish(self, version: int, named: list[tuple[str, torch.Tensor]]) -> None:
-        every, last = self.config.trainer.eval_every, self.config.trainer.total_steps
-        want_eval = bool(every) and (version % every == 0 or version == last) and version not in self.evaluated
+    def publish(self, version: int, named: list[tuple[str, torch.Tensor]], final: bool = False) -> None:
+        """Send `version` to the samplers; evaluate it when it is an evaluation step or the `final` one."""
+        every = self.config.trainer.eval_every
+        want_eval = bool(every) and (version % every == 0 or final) and version not in self.evaluated
         self.publisher.publish(version, named, after=(lambda v=version: self._request_eval(v)) if want_eval else None)
 
     def _collect_evals(self, timeout_s: float = 0.0) -> None:

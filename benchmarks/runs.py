@@ -1,0 +1,176 @@
+"""Running `speed-async train` arms for the benchmarks and reading their accuracy curves.
+
+An arm is a name plus config overrides; every arm of one comparison runs the same config file, model and data
+on the same machine, one after another, each into its own run directory. Accuracy curves come from the
+evaluation records of metrics.jsonl (`eval/<source>/acc` at `time/wall` seconds since the learner started).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 1800.0
+
+
+def default_model() -> str:
+    """The embedded tiny model's directory (built and cached on first use)."""
+    from speed_async.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model())
+
+
+def run_train(config: str, model: str, run_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """Run `speed-async train` as a subprocess into `run_dir`; return its wall seconds and the load around it.
+
+    Raises RuntimeError naming the run directory and the output tail when the run fails.
+    """
+    argv = [
+        sys.executable, "-m", "speed_async", "train", "--config", config, f"model.path={model}",
+        f"trainer.run_dir={run_dir}", "logging.wandb_mode=disabled", "logging.progress=false", *overrides,
+    ]  # fmt: skip
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    seconds = time.perf_counter() - start
+    if out.returncode != 0:
+        tail = "\n".join((out.stdout + out.stderr).splitlines()[-30:])
+        raise RuntimeError(f"speed-async train into {run_dir} exited with code {out.returncode}:\n{tail}")
+    return {"run_s": seconds, "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The effective records of run_dir/metrics.jsonl (rolled-back lines left out)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a finished run directory")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if not r.get("rolled_back")]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Held-out accuracy of one run: (wall seconds, RL steps, accuracy) at each evaluation, in order."""
+
+    wall_s: tuple[float, ...]
+    steps: tuple[int, ...]
+    acc: tuple[float, ...]
+
+    def time_to(self, target: float) -> float | None:
+        """Wall seconds of the first evaluation at or above `target`; None if the run never got there."""
+        for wall, acc in zip(self.wall_s, self.acc, strict=True):
+            if acc >= target:
+                return wall
+        return None
+
+    def steps_to(self, target: float) -> int | None:
+        """RL steps at the first evaluation at or above `target`; None if never."""
+        for step, acc in zip(self.steps, self.acc, strict=True):
+            if acc >= target:
+                return step
+        return None
+
+
+def eval_curve(run_dir: Path, source: str | None = None) -> Curve:
+    """The accuracy curve of `source` (default: the first eval source found) from a finished run."""
+    evals = [r for r in read_records(run_dir) if any(k.startswith("eval/") and k.endswith("/acc") for k in r)]
+    if not evals:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no evaluation records (eval/<source>/acc)")
+    if source is None:
+        source = next(k for k in evals[0] if k.startswith("eval/") and k.endswith("/acc")).split("/")[1]
+    key = f"eval/{source}/acc"
+    evals = sorted((r for r in evals if key in r), key=lambda r: r["step"])
+    return Curve(
+        wall_s=tuple(float(r["time/wall"]) for r in evals),
+        steps=tuple(int(r["step"]) for r in evals),
+        acc=tuple(float(r[key]) for r in evals),
+    )
+
+
+def step_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The RL-step records (those with `time/step`), in step order."""
+    return sorted((r for r in read_records(run_dir) if "time/step" in r), key=lambda r: r["step"])
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    """Median of the values that are not None; None when there are none."""
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def fmt(value: float | None, digits: int = 0, missing: str = "-") -> str:
+    """A number for a table, or `missing`."""
+    return missing if value is None else f"{value:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of a comparison: a name and its config overrides."""
+
+    name: str
+    overrides: tuple[str, ...]
+
+
+def budget_overrides(budget_s: float, eval_every: int, eval_prompts: int, eval_n: int) -> list[str]:
+    """Overrides every arm of a time-to-accuracy comparison shares: a wall-clock budget (the step count is
+    left open), the evaluation schedule and a fast-starting engine."""
+    return [
+        f"trainer.time_budget_s={budget_s}", "trainer.total_steps=100000", f"trainer.eval_every={eval_every}",
+        f"trainer.eval_max_prompts={eval_prompts}", f"trainer.eval_n={eval_n}", "rollout.enforce_eager=true",
+    ]  # fmt: skip
+
+
+def run_arms(
+    arms: Sequence[Arm], seeds: Sequence[int], config: str, model: str, base: Path, common: Sequence[str]
+) -> dict[tuple[str, int], Path]:
+    """Run every arm with every seed (seed-major order, so a slow drift of the machine hits all arms alike);
+    returns the run directory of each (arm, seed)."""
+    dirs: dict[tuple[str, int], Path] = {}
+    for seed in seeds:
+        for arm in arms:
+            run_dir = base / f"{arm.name}-s{seed}"
+            info = run_train(config, model, run_dir, [*common, *arm.overrides, f"trainer.seed={seed}"])
+            curve = eval_curve(run_dir)
+            print(
+                f"{arm.name} seed {seed}: {len(step_records(run_dir))} steps in {info['run_s']:.0f} s, accuracy "
+                f"{curve.acc[0]:.3f} -> {curve.acc[-1]:.3f} (best {max(curve.acc):.3f}), load "
+                f"{info['load_before']:.2f} -> {info['load_after']:.2f}  ({run_dir})",
+                flush=True,
+            )
+            dirs[(arm.name, seed)] = run_dir
+    return dirs
+
+
+def plot_curves(curves: dict[str, list[Curve]], out: Path, title: str) -> None:
+    """Accuracy against wall-clock minutes, every seed of an arm in the arm's colour (the paper's figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, runs) in enumerate(curves.items()):
+        color = f"C{i}"
+        for j, curve in enumerate(runs):
+            ax.plot(
+                [w / 60 for w in curve.wall_s], curve.acc, color=color, alpha=0.8, marker=".",
+                label=name if j == 0 else None, linestyle="-" if "k1" in name or "k=1" in name else "--",
+            )  # fmt: skip
+    ax.set_xlabel("wall-clock (minutes)")
+    ax.set_ylabel("held-out accuracy (mean@k)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

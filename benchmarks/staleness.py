@@ -1,0 +1,153 @@
+"""Staleness ablation: SPEED-RLOO with k in {0, 1, 2, 4}, without and with TIS, on one wall-clock budget.
+
+Per arm (medians over seeds): RL steps and seconds per step, time to target held-out accuracy, final and best
+accuracy, the lag histogram of every trained group (ledger `trained` events), mean staleness and the groups
+dropped for staleness. Targets come from the synchronous run without correction (k = 0, `none`):
+acc0 + f * (best - acc0) for f in --fractions.
+
+    python benchmarks/staleness.py [--quick] [--ks 0,1,2,4] [--seeds 0] [--budget-s 150] [--out results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import emit, machine, print_table  # noqa: E402
+from benchmarks.runs import (  # noqa: E402
+    Arm,
+    budget_overrides,
+    default_model,
+    eval_curve,
+    fmt,
+    median_or_none,
+    plot_curves,
+    run_arms,
+    step_records,
+)
+
+
+def lag_histogram(run_dir: Path) -> Counter[int]:
+    """How many trained groups had each lag (effective ledger history)."""
+    from speed_async.learner.ledger import read_ledger
+
+    return Counter(int(e["lag"]) for e in read_ledger(run_dir) if e["event"] == "trained" and not e.get("rolled_back"))
+
+
+def main() -> None:
+    """Run the arms, print the table and the JSON line; write the results file and the plot when asked."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="k in {0, 2} without TIS, 1 seed, 45 s budget")
+    parser.add_argument("--config", default="configs/tiny-cpu.toml", help="TOML config (relative to the repo root)")
+    parser.add_argument("--model", default=None, help="HF model dir (default: the embedded tiny model)")
+    parser.add_argument("--ks", default="0,1,2,4", help="comma-separated staleness bounds (must include 0)")
+    parser.add_argument("--corrections", default="none,tis", help="comma-separated: none, tis")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget of every run")
+    parser.add_argument("--eval-every", type=int, default=5, help="evaluate every this many RL steps")
+    parser.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation")
+    parser.add_argument("--eval-n", type=int, default=4, help="samples per held-out prompt (mean@n)")
+    parser.add_argument("--fractions", default="0.5,0.8", help="targets: acc0 + f * (k=0 best - acc0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override, all arms")
+    parser.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed)")
+    parser.add_argument("--out", type=Path, help="write a results markdown file here")
+    parser.add_argument("--plot", type=Path, help="write accuracy against wall-clock here (PNG)")
+    args = parser.parse_args()
+    if args.quick:
+        args.ks, args.corrections, args.seeds, args.budget_s, args.eval_every, args.eval_prompts = (
+            "0,2", "none", "0", 45.0, 3, 100,
+        )  # fmt: skip
+    ks = [int(k) for k in args.ks.split(",")]
+    corrections = args.corrections.split(",")
+    if 0 not in ks or "none" not in corrections or set(corrections) - {"none", "tis"}:
+        raise SystemExit("--ks must include 0 and --corrections must include none (the reference), from none, tis")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    arms = [
+        Arm(f"k{k}-{c}", (f"pipeline.max_staleness={k}", f"algorithm.off_policy_correction={c}"))
+        for c in corrections
+        for k in ks
+    ]
+    model = args.model or default_model()
+    common = [*budget_overrides(args.budget_s, args.eval_every, args.eval_prompts, args.eval_n), *args.set]
+    base = Path(tempfile.mkdtemp(prefix="bench-staleness-"))
+    started = time.time()
+    dirs = run_arms(arms, seeds, args.config, model, base, common)
+    curves = {a.name: [eval_curve(dirs[(a.name, s)]) for s in seeds] for a in arms}
+    reference = curves["k0-none"]
+    acc0 = statistics.median(c.acc[0] for cs in curves.values() for c in cs)
+    best = statistics.median(max(c.acc) for c in reference)
+    targets = [acc0 + f * (best - acc0) for f in fractions if best > acc0]
+
+    table_rows, per_arm = [], {}
+    for arm in arms:
+        runs = [dirs[(arm.name, s)] for s in seeds]
+        steps = [step_records(d) for d in runs]
+        lags: Counter[int] = Counter()
+        for d in runs:
+            lags.update(lag_histogram(d))
+        times = {t: median_or_none([c.time_to(t) for c in curves[arm.name]]) for t in targets}
+        record = {
+            "steps": statistics.median(len(s) for s in steps),
+            "s_per_step": statistics.median(statistics.median(r["time/step"] for r in s[1:] or s) for s in steps),
+            "acc_final": statistics.median(c.acc[-1] for c in curves[arm.name]),
+            "acc_best": statistics.median(max(c.acc) for c in curves[arm.name]),
+            "time_to_target_s": {f"{t:.4f}": v for t, v in times.items()},
+            "lag_histogram": dict(sorted(lags.items())),
+            "staleness_mean": statistics.median(statistics.mean(r["staleness/mean"] for r in s) for s in steps),
+            "dropped_stale_groups": statistics.median(s[-1].get("dropped/stale_groups", 0.0) for s in steps),
+        }
+        per_arm[arm.name] = record
+        table_rows.append(
+            [
+                arm.name, f"{record['steps']:.0f}", f"{record['s_per_step']:.2f}",
+                *(fmt(v / 60 if v is not None else None, 2) for v in times.values()),
+                f"{record['acc_final']:.3f}", f"{record['acc_best']:.3f}",
+                " ".join(f"{lag}:{n}" for lag, n in sorted(lags.items())), f"{record['staleness_mean']:.2f}",
+                f"{record['dropped_stale_groups']:.0f}",
+            ]
+        )  # fmt: skip
+    if args.plot:
+        plot_curves(curves, args.plot, f"{args.config}: staleness bound k, SPEED-RLOO")
+    if not args.keep_runs:
+        shutil.rmtree(base, ignore_errors=True)
+    headers = ["arm", "RL steps", "s/step", *(f"min to {t:.3f}" for t in targets), "acc final", "acc best"]
+    headers += ["lag histogram", "staleness", "stale drops"]
+    print(f"\nstaleness: {args.config}, budget {args.budget_s:.0f} s per run, seeds {seeds}, acc0 {acc0:.3f}")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_table(headers, table_rows)
+    print(buf.getvalue())
+    result: dict[str, Any] = {"benchmark": "staleness", "targets": targets, "acc0": acc0, "arms": per_arm}
+    result["curves"] = {n: [dict(wall_s=c.wall_s, steps=c.steps, acc=c.acc) for c in cs] for n, cs in curves.items()}
+    result.update({"args": {**vars(args), "out": str(args.out), "plot": str(args.plot)}, "machine": machine()})
+    result["elapsed_s"] = time.time() - started
+    emit(result)
+    if args.out:
+        lines = ["# Staleness ablation", "", f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}", "", "## Machine", ""]
+        lines += [f"- {k}: {v}" for k, v in result["machine"].items()]
+        lines += ["", "## Command", "", "```", shlex.join(["python", *sys.argv]), "```", ""]
+        lines += ["## Results", "", "```", buf.getvalue().rstrip(), "```", "", "## JSON", "", "```json"]
+        lines += [json.dumps(result, sort_keys=True, default=str), "```", ""]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines))
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
