@@ -192,8 +192,6 @@ def main() -> None:
     curves = {name: [eval_curve(dirs[(name, s)]) for s in seeds] for name in names}
     if args.plot:
         plot_curves(curves, args.plot, f"{args.config}: held-out accuracy, {len(seeds)} seed(s)")
-    if not args.keep_runs:
-        shutil.rmtree(base, ignore_errors=True)
 
     print(f"\nspeedup: {args.config}, budget {args.budget_s:.0f} s per run, seeds {seeds}")
     finals = final_rows(curves, dirs)
@@ -207,6 +205,8 @@ def main() -> None:
     result["curves"] = {n: [dict(wall_s=c.wall_s, steps=c.steps, acc=c.acc) for c in cs] for n, cs in curves.items()}
     result.update({"args": {**vars(args), "out": str(args.out), "plot": str(args.plot)}, "machine": machine()})
     result["elapsed_s"] = time.time() - started
+    if not args.keep_runs:
+        shutil.rmtree(base, ignore_errors=True)
     emit(result)
     if args.out:
         _write(args.out, text, result)
