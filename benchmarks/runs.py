@@ -59,7 +59,7 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Curve:
-    """Held-out accuracy of one run: (wall seconds, RL steps, accuracy) at each evaluation, in order."""
+    """Held-out accuracy of one run: (seconds of training, RL steps, accuracy) at each evaluation, in order."""
 
     wall_s: tuple[float, ...]
     steps: tuple[int, ...]
@@ -81,8 +81,15 @@ class Curve:
 
 
 def eval_curve(run_dir: Path, source: str | None = None) -> Curve:
-    """The accuracy curve of `source` (default: the first eval source found) from a finished run."""
-    evals = [r for r in read_records(run_dir) if any(k.startswith("eval/") and k.endswith("/acc") for k in r)]
+    """The accuracy curve of `source` (default: the first eval source found) from a finished run.
+
+    Wall seconds count from the start of the first RL step (engine start-up, the same for every arm, left
+    out, as the paper counts training time); the step-0 evaluation sits at 0.
+    """
+    records = read_records(run_dir)
+    first = min((r for r in records if "time/step" in r), key=lambda r: r["step"], default=None)
+    origin = first["time/wall"] - first["time/step"] if first is not None else 0.0
+    evals = [r for r in records if any(k.startswith("eval/") and k.endswith("/acc") for k in r)]
     if not evals:
         raise ValueError(f"{run_dir}/metrics.jsonl has no evaluation records (eval/<source>/acc)")
     if source is None:
@@ -90,7 +97,7 @@ def eval_curve(run_dir: Path, source: str | None = None) -> Curve:
     key = f"eval/{source}/acc"
     evals = sorted((r for r in evals if key in r), key=lambda r: r["step"])
     return Curve(
-        wall_s=tuple(float(r["time/wall"]) for r in evals),
+        wall_s=tuple(max(0.0, float(r["time/wall"]) - origin) for r in evals),
         steps=tuple(int(r["step"]) for r in evals),
         acc=tuple(float(r[key]) for r in evals),
     )
