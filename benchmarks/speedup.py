@@ -10,9 +10,10 @@ budget (`trainer.time_budget_s`) and is evaluated every `--eval-every` RL steps.
 
 Targets, as the paper chose them from what the baseline reaches: for each pair, acc0 + f * (best - acc0) for
 f in --fractions, where acc0 is the median step-0 accuracy and best the median over seeds of the synchronous
-base's best accuracy. Time to target = wall seconds (since the learner started, evaluation included) of a
-run's first evaluation at or above it. Speedup = base time / SPEED time, paired by seed, for every target both
-reached; `speedup_speed_over_base` is the median over pairs, seeds and targets (k = 0 for both);
+base's best accuracy. Time to target = wall seconds from the start of the first RL step (engine start-up, the
+same for every arm, left out; evaluation included) to the run's first evaluation at or above it. Speedup =
+base time / SPEED time, paired by seed, for every target both reached; `speedup_speed_over_base` is the
+median over pairs, seeds and targets (k = 0 for both);
 `speedup_speed_async_over_sync_rloo` compares SPEED-RLOO at k = 1 with RLOO at k = 0.
 
     python benchmarks/speedup.py [--quick] [--seeds 0,1,2] [--budget-s 150] [--out results.md] [--plot fig.png]
