@@ -177,21 +177,56 @@ class PipelineConfig:
     reward_workers: int = 1
     """Reward worker processes per sampler."""
     request_timeout_s: float = 60.0
-    """How long a sampler waits for the dispatcher's answer before reporting it unresponsive."""
+    """How long a sampler waits for the learner (an answer to its work request, room to send its results)
+    before it reports the learner unresponsive, naming what it waited for, and exits with status 3."""
     sync_timeout_s: float = 120.0
-    """Timeout of every weight-sync wait (connect, metadata, each bucket)."""
+    """Timeout of every weight-sync wait (connect, metadata, each bucket); forming a group waits up to twice
+    this for its members (one may first have to finish a failed receive)."""
     sampler_timeout_s: float = 120.0
-    """A sampler silent for this long is declared dead and its in-flight work re-issued."""
+    """Liveness timeout: a sampler with no heartbeat for this long (killed, stopped, cut off) is declared lost,
+    its in-flight prompts are re-issued to the others and the weight-sync group is re-formed without it.
+    Samplers send a heartbeat from a thread every min(2 s, this / 4), also while they generate."""
+    startup_timeout_s: float = 600.0
+    """How long the learner waits at start for every configured sampler to connect (engine start-up
+    included), and a sampler for the learner's endpoints."""
+    rejoin_timeout_s: float = 300.0
+    """When no sampler is left alive, how long the learner waits for one to (re)join; then it writes a
+    checkpoint and stops with an error naming the lost samplers (resume with `speed-async train --resume`)."""
+    collective_timeout_s: float = 1800.0
+    """Timeout of the learner ranks' own collectives (batch scatter, FSDP, checkpoint barriers). Ranks other
+    than 0 wait in a collective while rank 0 waits for a batch, so it must exceed rejoin_timeout_s +
+    5 * sampler_timeout_s (rank 0's longest wait for a batch)."""
     max_message_bytes: int = 64 * 1024 * 1024
-    """Messages larger than this are rejected and counted."""
+    """Messages larger than this are rejected and counted (transport/rejected/oversized); ZeroMQ cuts the
+    connection of a peer that sends more than twice this in one message."""
 
     def __post_init__(self) -> None:
         _require(self.max_staleness >= 0, "pipeline.max_staleness", self.max_staleness, "must be >= 0")
-        for key in ("reward_timeout_s", "request_timeout_s", "sync_timeout_s", "sampler_timeout_s"):
+        for key in (
+            "reward_timeout_s",
+            "request_timeout_s",
+            "sync_timeout_s",
+            "sampler_timeout_s",
+            "startup_timeout_s",
+            "rejoin_timeout_s",
+        ):
             value = getattr(self, key)
             _require(value > 0, f"pipeline.{key}", value, "must be > 0")
+        longest_batch_wait = self.rejoin_timeout_s + 5 * self.sampler_timeout_s
+        _require(
+            self.collective_timeout_s > longest_batch_wait,
+            "pipeline.collective_timeout_s",
+            self.collective_timeout_s,
+            f"must be > rejoin_timeout_s + 5 * sampler_timeout_s = {longest_batch_wait:g} (rank 0's longest wait "
+            "for a batch, during which the other learner ranks wait in a collective)",
+        )
         _require(self.reward_workers >= 1, "pipeline.reward_workers", self.reward_workers, "must be >= 1")
         _require(self.max_message_bytes >= 1024, "pipeline.max_message_bytes", self.max_message_bytes, ">= 1024")
+
+    @property
+    def heartbeat_s(self) -> float:
+        """Seconds between a sampler's heartbeats: min(2, sampler_timeout_s / 4)."""
+        return min(2.0, self.sampler_timeout_s / 4)
 
 
 @dataclass(frozen=True)
@@ -210,10 +245,16 @@ class ClusterConfig:
     base_port: int = 0
     """First port of the learner's sockets; 0 picks free ports."""
     shared_key_file: str = ""
-    """File holding the shared secret that signs every message (or env SPEED_ASYNC_SHARED_KEY)."""
+    """File holding the shared secret that signs every message (or env SPEED_ASYNC_SHARED_KEY); never logged."""
+    max_sampler_restarts: int = 3
+    """`speed-async train` on one machine restarts a sampler that exits with an error at most this many times
+    (per sampler); one more failure stops the run with an error, after a checkpoint."""
 
     def __post_init__(self) -> None:
         _require(self.num_learner_ranks >= 1, "cluster.num_learner_ranks", self.num_learner_ranks, "must be >= 1")
+        _require(
+            self.max_sampler_restarts >= 0, "cluster.max_sampler_restarts", self.max_sampler_restarts, "must be >= 0"
+        )
         _require(self.num_samplers >= 1, "cluster.num_samplers", self.num_samplers, "must be >= 1")
         _require(0 <= self.base_port <= 65535, "cluster.base_port", self.base_port, "must be in [0, 65535]")
 
