@@ -2,11 +2,14 @@
 
 Who sends what:
 ```
-  sampler --Hello, WorkRequest, Heartbeat-->        dispatcher   (DEALER -> ROUTER)
-  sampler <--WorkAssignment | NoWork, Shutdown--    dispatcher   (ROUTER -> DEALER)
+  sampler --Hello, WorkRequest, Heartbeat,          dispatcher   (DEALER -> ROUTER)
+            SyncDone, SyncFailed-->
+  sampler <--WorkAssignment | NoWork, Rejoin,       dispatcher   (ROUTER -> DEALER)
+            JoinSyncGroup, UpdateWeights,
+            EvalAssignment, Shutdown--
   sampler --ScreenReport, RolloutGroup,             learner      (PUSH -> PULL)
-            GroupDropped, SyncDone-->
-  sampler <--JoinSyncGroup, UpdateWeights--         learner      (control channel)
+            GroupDropped, EvalResult,
+            Heartbeat (its heartbeat thread)-->
 ```
 Ids, epochs, versions and generations are ints >= 0. Version v = the weights after v RL steps.
 """
@@ -221,6 +224,23 @@ class Heartbeat(Message, tag="heartbeat"):
     version: NonNegInt
     num_pending: NonNegInt
     state: Text
+
+
+class SyncFailed(Message, tag="sync_failed"):
+    """A sampler could not join weight-sync group ``generation`` or receive ``version`` on it; its weights may
+    be incomplete, so it generates nothing until the learner has re-formed the group and re-sent them."""
+
+    sampler_id: NonNegInt
+    generation: NonNegInt
+    version: NonNegInt
+    error: Text
+
+
+class Rejoin(Message, tag="rejoin"):
+    """The learner no longer counts the receiver as a member (declared lost, e.g. after a long stall): drop all
+    work, leave the weight-sync group and say ``Hello`` again; ``reason`` is logged."""
+
+    reason: Text
 
 
 class Shutdown(Message, tag="shutdown"):

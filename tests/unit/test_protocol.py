@@ -22,10 +22,12 @@ from speed_async.protocol import (
     Message,
     NoWork,
     ProtocolError,
+    Rejoin,
     RolloutGroup,
     ScreenReport,
     Shutdown,
     SyncDone,
+    SyncFailed,
     UpdateWeights,
     WorkAssignment,
     WorkItem,
@@ -95,6 +97,8 @@ def examples() -> dict[str, Message]:
         SyncDone(sampler_id=3, version=6, seconds=1.5),
         Heartbeat(sampler_id=3, version=6, num_pending=17, state="generating"),
         Shutdown(reason="done"),
+        SyncFailed(sampler_id=3, generation=2, version=6, error="bucket 0 of 1 timed out"),
+        Rejoin(reason="declared lost after 120 s of silence"),
         EvalAssignment(items=[work_item(30, num_continue=0)], version=6),
         EvalResult(
             sampler_id=3, prompt_id=30, data_source="math500", version=6, scores=f32(1, 0), response_lengths=i32(9, 12)
