@@ -2,6 +2,8 @@
 
 from speed_async.transport.sockets import (
     DEFAULT_HWM,
+    HANDSHAKE,
+    HARD_CAP_FACTOR,
     LINGER_MS,
     SHARED_KEY_ENV,
     Context,
@@ -17,6 +19,8 @@ from speed_async.transport.sockets import (
 
 __all__ = [
     "DEFAULT_HWM",
+    "HANDSHAKE",
+    "HARD_CAP_FACTOR",
     "LINGER_MS",
     "SHARED_KEY_ENV",
     "Context",

@@ -8,9 +8,10 @@
 Sends wait at most ``timeout_s`` for room below the high-water mark, then raise ``TransportTimeout``
 naming the endpoint. Receives wait at most ``timeout_s`` and return None when nothing valid came: a bad
 frame (undecodable, unsigned or wrongly signed, multi-part, empty) is dropped, counted in
-``socket.rejected`` by reason, logged (the first few at WARNING, later ones at DEBUG), and the wait goes
-on. Frames above the size cap are cut off by ZeroMQ itself (``MAXMSGSIZE`` disconnects the peer, which
-reconnects); ``decode`` checks the cap again.
+on. A frame above the size cap is rejected as ``oversized`` by ``decode``; one above ``HARD_CAP_FACTOR`` times
+the cap never reaches memory: ZeroMQ cuts that peer's connection (``MAXMSGSIZE``; the peer may reconnect).
+Bound sockets also count connections that fail ZeroMQ's handshake (raw TCP garbage, port scans) under
+``rejected["handshake"]``, read from a socket monitor on every receive.
 
 Sockets bind to loopback unless given a shared key: traffic between machines must be signed. A socket
 belongs to one thread (ZeroMQ sockets are not thread-safe).
@@ -28,6 +29,7 @@ from types import TracebackType
 from typing import Self, TypeVar
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from speed_async.protocol import DEFAULT_MAX_BYTES, Message, ProtocolError, decode, encode
 
@@ -39,6 +41,14 @@ LINGER_MS = 200
 """How long a closing socket may keep trying to deliver queued messages."""
 LOG_FIRST_REJECTIONS = 10
 """Rejected frames logged at WARNING per socket; later ones are logged at DEBUG."""
+HARD_CAP_FACTOR = 2
+"""ZeroMQ drops (and disconnects) messages above this many times ``max_bytes``; between 1x and this they are
+received and rejected (counted) as ``oversized``."""
+HANDSHAKE = "handshake"
+"""Key of ``rejected`` counting connections that failed ZeroMQ's handshake (bound sockets)."""
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 SHARED_KEY_ENV = "SPEED_ASYNC_SHARED_KEY"
 MIN_KEY_BYTES = 16
 
@@ -117,7 +127,7 @@ class _Socket:
         self._sock.setsockopt(zmq.LINGER, LINGER_MS)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_CAP_FACTOR * max_bytes)
         self.key = key
         self.max_bytes = max_bytes
         self.endpoint = ""
@@ -163,6 +173,7 @@ class _Socket:
             ) from None
 
     def _recv(self, timeout_s: float, parse: Callable[[list[bytes]], T]) -> T | None:
+        self._poll_monitor()
         deadline = time.monotonic() + timeout_s
         while True:
             remaining_ms = max(0, round((deadline - time.monotonic()) * 1000))
@@ -173,6 +184,9 @@ class _Socket:
                 return parse(parts)
             except ProtocolError as e:
                 self._reject(e)
+
+    def _poll_monitor(self) -> None:
+        """Count handshake failures seen by this socket's monitor (bound sockets only)."""
 
     def _decode_single(self, parts: list[bytes]) -> Message:
         if len(parts) != 1:
@@ -188,6 +202,29 @@ class _Socket:
 
 class _BoundSocket(_Socket):
     """Binding for receiving sockets: tcp on loopback by default, a shared key for anything else."""
+
+    _monitor: zmq.Socket | None = None
+
+    def _poll_monitor(self) -> None:
+        if self._monitor is None:
+            return
+        while True:
+            try:
+                recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.rejected[HANDSHAKE] += 1
+            total = sum(self.rejected.values())
+            level = logging.WARNING if total <= LOG_FIRST_REJECTIONS else logging.DEBUG
+            logger.log(level, "%s: a connection failed the ZeroMQ handshake; %d dropped so far", self.endpoint, total)
+
+    def close(self) -> None:
+        """Close the monitor, then the socket (idempotent)."""
+        if self._monitor is not None and not self._sock.closed:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        super().close()
 
     def bind_endpoint(self, host: str, port: int) -> str:
         """Bind to ``tcp://host:port`` (port 0: a free port) and return the real endpoint.
@@ -217,6 +254,8 @@ class _BoundSocket(_Socket):
         except zmq.ZMQError as e:
             raise TransportError(f"cannot bind {address}: {e}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self._monitor is None:
+            self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         return self.endpoint
 
 

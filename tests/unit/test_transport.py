@@ -1,6 +1,7 @@
 """Transport on real loopback sockets (tcp with port 0, and ipc): delivery, rejection, timeouts, binding rules."""
 
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -209,14 +210,39 @@ def test_sender_refuses_frames_above_the_cap_and_receiver_survives_an_oversized_
     with pytest.raises(ProtocolError) as info:
         push.send(Shutdown(reason="x" * 2000), timeout_s=1.0)
     assert info.value.reason == "oversized"
-    # A raw peer that ignores the cap is disconnected by ZeroMQ (MAXMSGSIZE); it reconnects and
-    # what it sends afterwards arrives.
+    # A raw peer that ignores the cap: up to twice the cap the frame is received, rejected and counted ...
     raw = raw_socket(ctx, zmq.PUSH, endpoint)
-    raw.send(b"x" * 2000)
+    raw.send(b"x" * 1500)
+    assert pull.recv(timeout_s=0.3) is None
+    assert pull.rejected["oversized"] == 1
+    # ... above that ZeroMQ disconnects the peer before the frame is in memory; it reconnects and what it sends
+    # afterwards arrives.
+    raw.send(b"x" * 2001)
     assert pull.recv(timeout_s=0.3) is None
     raw.send(encode(Shutdown(reason="small")))
     got = pull.recv(timeout_s=3.0)
     assert isinstance(got, Shutdown) and got.reason == "small"
+    assert pull.rejected["oversized"] == 1
+
+
+def test_bound_sockets_count_connections_that_fail_the_handshake(ctx: Context) -> None:
+    router = RouterSocket(ctx)
+    host, port = router.bind_endpoint("127.0.0.1", 0).removeprefix("tcp://").rsplit(":", 1)
+    # (Raw bytes that happen to parse as ZMTP 1.0 frames instead reach decode and count as malformed.)
+    for payload in (b"GET / HTTP/1.0\r\n\r\n", b"\xff" + bytes(8) + b"\x7f" + b"junk" * 10, b""):
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(payload)
+            time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while router.rejected["handshake"] < 3 and time.monotonic() < deadline:
+        router.recv(timeout_s=0.1)
+    assert router.rejected["handshake"] == 3
+    dealer = DealerSocket(ctx, router.endpoint, b"sampler-0")  # the socket still serves real peers
+    dealer.send(Hello(sampler_id=0, pid=1, hostname="h"), timeout_s=1.0)
+    got = router.recv(timeout_s=3.0)
+    assert got is not None and isinstance(got[1], Hello)
+    router.close()
+    router.close()
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "*", "eth0", "node-7.cluster", "::"])
