@@ -138,6 +138,14 @@ class DispatchState(Generic[G]):
         self.counters["reissued"] += len(lost)
         return lost
 
+    def give_back(self, key: Key) -> bool:
+        """Re-issue one in-flight prompt whose result could not be used; False if it is not in flight."""
+        if self.in_flight.pop(key, None) is None:
+            return False
+        self.reissue.append(key)
+        self.counters["reissued"] += 1
+        return True
+
     # ---- batches -----------------------------------------------------------------------------------------
     def take_batch(self, step: int) -> tuple[list[tuple[Key, G]] | None, list[tuple[Key, G]]]:
         """(the batch of RL step `step`, first in first out, or None if not enough usable groups are ready yet;
@@ -153,6 +161,12 @@ class DispatchState(Generic[G]):
         assert all(0 <= step - g.version <= self.max_staleness for _, g in batch)
         self.next_step += 1
         return batch, stale
+
+    def untake(self, batch: list[tuple[Key, G]]) -> None:
+        """Undo the last `take_batch` (its step was given up before it was trained): the groups go back to the
+        front of the ready FIFO, in order, and that step is the next one again."""
+        self.ready.extendleft(reversed(batch))
+        self.next_step -= 1
 
     def published(self, version: int) -> None:
         """The samplers now have weights `version` (after RL step version - 1)."""

@@ -1,16 +1,26 @@
 """The dispatcher: learner rank 0's thread that owns the sockets, the curriculum state and the ledger.
 
 ```
-  samplers ──Hello/WorkRequest/Heartbeat/SyncDone──► ROUTER ─┐
-  samplers ──ScreenReport/RolloutGroup/GroupDropped/ ► PULL ──┤  dispatcher thread (this module)
-             EvalResult                                      │   DispatchState: cursor, in flight, ready FIFO
-  train loop ──commands (batch for step s, update v,  ──────►│   Ledger, sampler liveness, eval tallies
-               published v, eval v, stop)                    │
-  train loop ◄──batches, eval accuracies, errors ────────────┘
+  samplers ──Hello/WorkRequest/Heartbeat/SyncDone/ ──► ROUTER ─┐
+             SyncFailed                                        │  dispatcher thread (this module)
+  samplers ──ScreenReport/RolloutGroup/GroupDropped/ ► PULL ───┤   DispatchState: cursor, in flight, ready FIFO
+             EvalResult/Heartbeat (heartbeat thread)           │   Ledger, Membership (liveness), EvalBook
+  train loop ──commands (batch for step s, consumed or  ──────►│
+               cancelled, update v, published v, eval v, stop) │
+  publisher  ──join generation g, lost samplers ──────────────►│
+  train loop ◄──batches, eval accuracies, errors ──────────────┘
 ```
 The train loop never touches a socket: it asks for the batch of step s and waits on a queue with a timeout,
 so receiving and dispatching never stall a train step. What bounds the lag: `DispatchState.room` paces the
 hand-out and `DispatchState.take_batch` checks step - version <= k for every group.
+
+Faults: a sampler silent for `pipeline.sampler_timeout_s` (or replaced by a new process, or unreachable) is
+declared lost: its in-flight prompts are re-issued first (ledger `reissued`) and the publisher re-forms the
+weight-sync group without it. A (re)joining sampler gets no work before it holds the weights published when
+it joined. A control message from a sampler the learner no longer counts is answered with `Rejoin`. With no
+sampler alive for `pipeline.rejoin_timeout_s`, `next_batch` raises `SamplersLost` and the learner stops
+after a checkpoint. Invalid frames and messages from unknown senders are dropped and counted
+(`transport/rejected/*` in metrics.jsonl); no message can stop the dispatcher.
 """
 
 from __future__ import annotations
@@ -19,9 +29,9 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,58 +40,42 @@ from speed_async.config import Config
 from speed_async.curriculum.dispatch import DispatchState, Key
 from speed_async.data.prepare import Prompt
 from speed_async.learner.batch import TrainGroup
+from speed_async.learner.evaluation import EvalBook
 from speed_async.learner.ledger import Ledger
+from speed_async.learner.membership import SamplerInfo
+from speed_async.learner.sampler_link import SamplerLink
+from speed_async.learner.wire import to_train_group, work_items
 from speed_async.protocol import (
-    EvalAssignment,
     EvalResult,
     GroupDropped,
     Heartbeat,
     Hello,
-    JoinSyncGroup,
     Message,
     NoWork,
     RolloutGroup,
     ScreenReport,
     Shutdown,
     SyncDone,
+    SyncFailed,
     UpdateWeights,
     WorkAssignment,
-    WorkItem,
     WorkRequest,
 )
-from speed_async.transport import Context, PullSocket, RouterSocket
 
 log = logging.getLogger("speed_async.dispatcher")
 NO_WORK_RETRY_S = 0.2
-
-
-@dataclass
-class SamplerInfo:
-    """What the dispatcher knows of one sampler."""
-
-    identity: bytes
-    version: int = 0
-    last_seen: float = field(default_factory=time.monotonic)
-    alive: bool = True
 
 
 class DispatcherError(RuntimeError):
     """Raised in the train loop when the dispatcher thread failed or a wait timed out."""
 
 
-def to_train_group(msg: RolloutGroup) -> TrainGroup:
-    """Wire message -> the learner's group (arrays copied out of the receive buffer)."""
-    responses = list(msg.responses())
-    return TrainGroup(
-        prompt_id=msg.prompt_id,
-        epoch=msg.epoch,
-        data_source=msg.data_source,
-        prompt_token_ids=np.array(msg.prompt_token_ids, dtype=np.int32),
-        responses=[np.array(r.token_ids, dtype=np.int32) for r in responses],
-        behaviour_logprobs=[np.array(r.logprobs, dtype=np.float32) for r in responses],
-        rewards=np.array(msg.rewards, dtype=np.float32),
-        version=msg.group_version,
-    )
+class SamplersLost(DispatcherError):
+    """No sampler has been alive for `pipeline.rejoin_timeout_s`."""
+
+
+class StopRequested(DispatcherError):
+    """The launcher asked the learner to stop (e.g. a sampler exhausted its restarts)."""
 
 
 class Dispatcher:
@@ -96,44 +90,44 @@ class Dispatcher:
         *,
         key: bytes | None,
         sync_master: tuple[str, int],
+        run_dir: Path | None = None,
+        resume: bool = False,
     ) -> None:
         self.config = config
         self.prompts = train_prompts
-        self.eval_prompts = eval_prompts
         self.ledger = ledger
         self.sync_master = sync_master
-        mode = config.curriculum.mode
         self.state: DispatchState[TrainGroup] = DispatchState(
             len(train_prompts),
             seed=config.trainer.seed,
             train_batch_size=config.data.train_batch_size,
             max_staleness=config.pipeline.max_staleness,
-            mode=mode,
+            mode=config.curriculum.mode,
         )
-        self.ctx = Context()
-        max_bytes = config.pipeline.max_message_bytes
-        self.router = RouterSocket(self.ctx, key=key, max_bytes=max_bytes)
-        self.pull = PullSocket(self.ctx, key=key, max_bytes=max_bytes)
-        host, port = config.cluster.bind_host, config.cluster.base_port
-        self.work_endpoint = self.router.bind_endpoint(host, port)
-        self.results_endpoint = self.pull.bind_endpoint(host, port + 1 if port else 0)
-        self.samplers: dict[int, SamplerInfo] = {}
+        self.link = SamplerLink(config, key=key, on_gone=self._lose, run_dir=run_dir, resume=resume)
+        self.members = self.link.members
+        self.work_endpoint, self.results_endpoint = self.link.work_endpoint, self.link.results_endpoint
+        self.evals = EvalBook(eval_prompts, config.trainer.eval_n)
         self._commands: queue.Queue[tuple] = queue.Queue()
-        self._batches: queue.Queue[list[TrainGroup]] = queue.Queue()
-        self._evals: queue.Queue[tuple[int, dict[str, float]]] = queue.Queue()
+        self._batches: queue.Queue[tuple[int, list[TrainGroup]]] = queue.Queue()
+        self._evals: queue.Queue[tuple[int, dict[str, float] | None]] = queue.Queue()
         self._snapshots: queue.Queue[dict[str, Any]] = queue.Queue()
         self.min_work_version = 0  # a resumed run hands out no work to samplers below the restored version
         self._wanted_step: int | None = None
-        self._eval_tally: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self._eval_expected: dict[int, int] = {}
+        self._offered: tuple[int, list[tuple[Key, TrainGroup]]] | None = None  # taken, not yet consumed
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self.counters: Counter[str] = Counter()
-        # Latest gauges from the samplers; keys fixed here so the train loop can read it while this thread writes.
+        self.waiting_for = "the samplers to connect"
+        """What the train loop waits for now (named when a sampler is lost)."""
+        self.progress_at = time.monotonic()
+        """Last time a result from a sampler was accepted."""
+        # Gauges for the train loop; each is replaced as a whole by the dispatcher thread, never mutated.
         self.step_stats: dict[str, float] = {"weight_sync/reload_seconds": float("nan")}
+        self.transport_metrics: dict[str, float] = self.link.transport_metrics()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
-    # ---- train-loop side (thread-safe) -------------------------------------------------------------------
+    # ---- train-loop and publisher side (thread-safe) -----------------------------------------------------
     def start(self) -> None:
         """Start the thread (sockets are already bound)."""
         self._thread.start()
@@ -146,54 +140,99 @@ class Dispatcher:
         """Block until every configured sampler said Hello; the error names the missing ones."""
         deadline = time.monotonic() + timeout_s
         want = self.config.cluster.num_samplers
-        while len(self.samplers) < want:
+        while len(self.members.live_ids()) < want:
             self._check()
             if time.monotonic() > deadline:
-                missing = sorted(set(range(want)) - set(self.samplers))
+                missing = sorted(set(range(want)) - set(self.members.live_ids()))
                 raise DispatcherError(
-                    f"samplers {missing} did not say hello at {self.work_endpoint} within {timeout_s:.0f} s"
+                    f"samplers {missing} did not say hello at {self.work_endpoint} within {timeout_s:.0f} s "
+                    "(pipeline.startup_timeout_s)"
                 )
             time.sleep(0.05)
 
-    def next_batch(self, step: int, timeout_s: float) -> list[TrainGroup]:
-        """The groups of RL step `step`; raises DispatcherError naming the samplers if none come in time."""
+    def next_batch(
+        self, step: int, *, no_progress_s: float, rejoin_timeout_s: float, stop_check: Callable[[], str | None]
+    ) -> list[TrainGroup]:
+        """The groups of RL step `step`. Raises SamplersLost when no sampler has been alive for
+        `rejoin_timeout_s`, StopRequested when `stop_check()` returns a reason, and DispatcherError when live
+        samplers delivered nothing for `no_progress_s`; in each case the step is given up (`cancel_batch`)."""
+        ready = self.config.data.train_batch_size
+        self.waiting_for = f"the batch of step {step}"
         self._commands.put(("batch", step))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._check()
-            try:
-                return self._batches.get(timeout=0.1)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    alive = sorted(i for i, s in self.samplers.items() if s.alive)
-                    raise DispatcherError(
-                        f"no batch for step {step} within {timeout_s:.0f} s: samplers {alive} delivered "
-                        f"{len(self.state.ready)} of {self.config.data.train_batch_size} usable groups"
-                    ) from None
+        start = time.monotonic()
+        try:
+            while True:
+                self._check()
+                try:
+                    got_step, groups = self._batches.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+                else:
+                    assert got_step == step, (got_step, step)
+                    self._commands.put(("consumed", step))
+                    return groups
+                error: DispatcherError | None = None
+                if (reason := stop_check()) is not None:
+                    error = StopRequested(f"stop requested: {reason}")
+                elif (lost_for := self.members.none_alive_for()) > rejoin_timeout_s:
+                    error = SamplersLost(
+                        f"no sampler has been alive for {lost_for:.0f} s (pipeline.rejoin_timeout_s = "
+                        f"{rejoin_timeout_s:g}) while the learner waited for the batch of step {step}: "
+                        f"{self.members.lost_summary()}"
+                    )
+                elif time.monotonic() - max(self.progress_at, start) > no_progress_s and self.members.live_ids():
+                    error = DispatcherError(
+                        f"no batch for step {step}: samplers {self.members.live_ids()} delivered no result for "
+                        f"{no_progress_s:.0f} s ({len(self.state.ready)} of {ready} usable groups ready, "
+                        f"{len(self.state.in_flight)} prompts in flight)"
+                    )
+                if error is not None:
+                    self.cancel_batch(step)
+                    raise error
+        finally:
+            self.waiting_for = "the train step"
 
-    def announce_update(self, version: int, generation: int, num_buckets: int) -> None:
-        """Tell every sampler that weights `version` follow on the sync group (before broadcasting)."""
-        self._commands.put(("update", version, generation, num_buckets))
+    def cancel_batch(self, step: int, timeout_s: float = 10.0) -> None:
+        """Give up step `step`: a batch already taken for it goes back to the ready FIFO untrained."""
+        done = threading.Event()
+        self._commands.put(("cancel", step, done))
+        if not done.wait(timeout_s):
+            self._check()
+            raise DispatcherError(f"the dispatcher thread did not cancel step {step} within {timeout_s:.0f} s")
+        while not self._batches.empty():
+            self._batches.get_nowait()
+
+    def announce_update(self, version: int, generation: int, num_buckets: int, members: Sequence[int]) -> None:
+        """Tell `members` that weights `version` follow on sync group `generation` (before broadcasting)."""
+        self._commands.put(("update", version, generation, num_buckets, tuple(members)))
 
     def mark_published(self, version: int) -> None:
-        """Every sampler now holds weights `version`."""
+        """Every member of the sync group now holds weights `version`."""
         self._commands.put(("published", version))
 
     def request_eval(self, version: int) -> None:
         """Evaluate the held-out prompts on weights `version` (spread over the samplers)."""
         self._commands.put(("eval", version))
 
-    def poll_eval(self, timeout_s: float = 0.0) -> tuple[int, dict[str, float]] | None:
-        """A finished evaluation (version, {data_source: accuracy}), if any."""
+    def poll_eval(self, timeout_s: float = 0.0) -> tuple[int, dict[str, float] | None] | None:
+        """A finished evaluation (version, {data_source: accuracy}), or (version, None) for an abandoned one."""
         self._check()
         try:
             return self._evals.get(timeout=timeout_s) if timeout_s > 0 else self._evals.get_nowait()
         except queue.Empty:
             return None
 
-    def join_sync_group(self, generation: int, timeout_s: float) -> None:
-        """Ask every sampler to join weight-sync group `generation` (learner rank 0 is its rank 0)."""
-        self._commands.put(("join", generation, timeout_s))
+    def join_sync_group(self, generation: int, members: Sequence[int], timeout_s: float) -> None:
+        """Ask `members` (ranks 1.. in this order) to join weight-sync group `generation`."""
+        self._commands.put(("join", generation, tuple(members), timeout_s))
+
+    def declare_lost(self, sampler_ids: Sequence[int], reason: str) -> None:
+        """Declare samplers lost (e.g. they did not join a sync group); their work is re-issued."""
+        self._commands.put(("lose", tuple(sampler_ids), reason))
+
+    def live_samplers(self) -> list[int]:
+        """Ids of the samplers currently considered alive."""
+        return self.members.live_ids()
 
     def snapshot(self, timeout_s: float) -> dict[str, Any]:
         """A consistent checkpoint snapshot, taken inside the dispatcher thread: `dispatch`
@@ -229,14 +268,19 @@ class Dispatcher:
         """Tell the samplers to stop, then end the thread."""
         self._commands.put(("stop", reason))
         self._thread.join(timeout=10)
-        self.router.close()
-        self.pull.close()
-        self.ctx.close()
+        self.link.close()
 
     # ---- dispatcher thread -------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            last = time.monotonic()
             while not self._stop.is_set():
+                now = time.monotonic()
+                if now - last > self.config.pipeline.sampler_timeout_s / 2:
+                    # This thread (the whole learner) did not run for a while: that says nothing of the samplers.
+                    log.warning("the dispatcher thread was stalled for %.1f s; sampler clocks restarted", now - last)
+                    self.members.restart_clocks()
+                last = now
                 self._serve_commands()
                 got = self._serve_sockets()
                 self._check_liveness()
@@ -255,18 +299,27 @@ class Dispatcher:
             kind = cmd[0]
             if kind == "batch":
                 self._wanted_step = cmd[1]
+            elif kind == "consumed":
+                self._consumed(cmd[1])
+            elif kind == "cancel":
+                self._cancel(cmd[1])
+                cmd[2].set()
             elif kind == "update":
-                _, version, generation, buckets = cmd
-                for info in self._live():
-                    self.router.send_to(
-                        info.identity, UpdateWeights(version=version, generation=generation, num_buckets=buckets)
-                    )
+                _, version, generation, buckets, members = cmd
+                msg = UpdateWeights(version=version, generation=generation, num_buckets=buckets)
+                for sampler_id in members:
+                    self.link.send_to(sampler_id, msg)
             elif kind == "published":
                 self.state.published(cmd[1])
             elif kind == "eval":
-                self._send_eval(cmd[1])
+                for sampler_id, assignment in self.evals.assignments(cmd[1], self.members.live_ids()):
+                    self.link.send_to(sampler_id, assignment)
             elif kind == "join":
-                self._send_join(cmd[1], cmd[2])
+                _, generation, members, timeout_s = cmd
+                self.link.send_join(generation, members, self.sync_master, timeout_s)
+            elif kind == "lose":
+                for sampler_id in cmd[1]:
+                    self._lose(sampler_id, cmd[2])
             elif kind == "snapshot":
                 self._snapshots.put(
                     {
@@ -277,54 +330,30 @@ class Dispatcher:
                     }
                 )
             elif kind == "stop":
-                for info in self._live():
-                    self.router.send_to(info.identity, Shutdown(reason=cmd[1]))
+                for info in self.members.live():
+                    self.link.send(info, Shutdown(reason=cmd[1]))
                 self._stop.set()
         self._try_batch()
 
-    def live_samplers(self) -> list[int]:
-        """Ids of the samplers currently considered alive."""
-        return sorted(i for i, s in list(self.samplers.items()) if s.alive)
-
-    def _live(self) -> list[SamplerInfo]:
-        return [s for _, s in sorted(self.samplers.items()) if s.alive]
-
-    def _send_join(self, generation: int, timeout_s: float) -> None:
-        live = self._live()
-        addr, port = self.sync_master
-        for rank, info in enumerate(live, start=1):
-            msg = JoinSyncGroup(
-                generation=generation,
-                master_addr=addr,
-                master_port=port,
-                world_size=len(live) + 1,
-                rank=rank,
-                timeout_s=timeout_s,
-            )
-            self.router.send_to(info.identity, msg)
-
-    def _send_eval(self, version: int) -> None:
-        live = self._live()
-        if not self.eval_prompts:
+    def _lose(self, sampler_id: int, reason: str) -> None:
+        """Declare a live sampler lost: re-issue its in-flight prompts first, abandon its evaluations."""
+        in_flight = sum(1 for f in self.state.in_flight.values() if f.sampler_id == sampler_id)
+        info = self.members.lose(sampler_id, reason, in_flight=in_flight, waiting_for=self.waiting_for)
+        if info is None:
             return
-        n = self.config.trainer.eval_n
-        self._eval_expected[version] = len(self.eval_prompts)
-        for s, info in enumerate(live):
-            items = [
-                WorkItem(
-                    prompt_id=i,
-                    epoch=0,
-                    data_source=p.data_source,
-                    prompt_token_ids=p.token_ids,
-                    ground_truth=p.ground_truth,
-                    num_screen=n,
-                    num_continue=0,
-                )
-                for i, p in enumerate(self.eval_prompts)
-                if i % len(live) == s
-            ]
-            if items:
-                self.router.send_to(info.identity, EvalAssignment(items=items, version=version))
+        lost = self.state.sampler_lost(sampler_id)
+        for epoch, pid in lost:
+            self.ledger.write("reissued", pid, epoch, sampler=sampler_id, reason="sampler lost")
+        for version in self.evals.sampler_lost(sampler_id):
+            self._evals.put((version, None))
+        log.error(
+            "%s lost: %s; %d in-flight prompts re-issued; the learner was waiting for %s; live samplers now %s",
+            info.describe(),
+            reason,
+            len(lost),
+            self.waiting_for,
+            self.members.live_ids(),
+        )
 
     def _try_batch(self) -> None:
         step = self._wanted_step
@@ -335,91 +364,117 @@ class Dispatcher:
             self.ledger.write("dropped", pid, epoch, reason="stale", step=step, version=group.version)
         if batch is None:
             return
-        for (epoch, pid), group in batch:
-            self.ledger.write("trained", pid, epoch, step=step, lag=step - group.version, version=group.version)
         self._wanted_step = None
-        self._batches.put([g for _, g in batch])
+        self._offered = (step, batch)
+        self._batches.put((step, [g for _, g in batch]))
+
+    def _consumed(self, step: int) -> None:
+        """The train loop took the batch of `step`: from now on it is trained (ledger `trained`)."""
+        assert self._offered is not None and self._offered[0] == step, (self._offered, step)
+        for (epoch, pid), group in self._offered[1]:
+            self.ledger.write("trained", pid, epoch, step=step, lag=step - group.version, version=group.version)
+        self._offered = None
+
+    def _cancel(self, step: int) -> None:
+        """The train loop gave up `step`: nothing was trained; a batch taken for it goes back."""
+        self._wanted_step = None
+        if self._offered is not None and self._offered[0] == step:
+            self.state.untake(self._offered[1])
+            self._offered = None
 
     def _serve_sockets(self) -> bool:
         got = False
         for _ in range(256):
-            item = self.router.recv(0.0)
+            item = self.link.router.recv(0.0)
             if item is None:
                 break
             got = True
             self._on_control(*item)
         for _ in range(256):
-            msg = self.pull.recv(0.0)
+            msg = self.link.pull.recv(0.0)
             if msg is None:
                 break
             got = True
             self._on_result(msg)
         if got:
             self._try_batch()
+        new = self.link.transport_metrics()
+        if new != self.transport_metrics:
+            self.transport_metrics = new
         return got
-
-    def _touch(self, sampler_id: int, version: int | None = None) -> SamplerInfo | None:
-        info = self.samplers.get(sampler_id)
-        if info is None or not info.alive:
-            self.counters["messages_from_unknown_samplers"] += 1
-            return None
-        info.last_seen = time.monotonic()
-        if version is not None:
-            info.version = version
-        return info
 
     def _on_control(self, identity: bytes, msg: Message) -> None:
         if isinstance(msg, Hello):
-            if msg.sampler_id >= self.config.cluster.num_samplers:
-                self.counters["bad_hello"] += 1
-                log.warning("hello from sampler id %d outside the configured range", msg.sampler_id)
-                return
-            self.samplers[msg.sampler_id] = SamplerInfo(identity=identity)
-            log.info("sampler %d (pid %d on %s) connected", msg.sampler_id, msg.pid, msg.hostname)
-        elif isinstance(msg, WorkRequest):
-            info = self._touch(msg.sampler_id, msg.version)
-            if info is None:
-                return
-            if msg.version < self.min_work_version:
-                self.router.send_to(identity, NoWork(retry_after_s=NO_WORK_RETRY_S, reason="restored weights pending"))
-                return
-            keys = self.state.assign(msg.sampler_id, msg.version, msg.max_prompts)
-            if not keys:
-                self.router.send_to(identity, NoWork(retry_after_s=NO_WORK_RETRY_S, reason="staleness bound"))
-                return
-            self.router.send_to(identity, WorkAssignment(items=self._items(keys), version=self.state.version))
-            for epoch, pid in keys:
-                self.ledger.write("dispatched", pid, epoch, sampler=msg.sampler_id, version=msg.version)
+            self._on_hello(identity, msg)
+            return
+        info = self.link.control_sender(identity, msg)
+        if info is None:
+            return
+        sampler_id = info.sampler_id
+        if isinstance(msg, WorkRequest):
+            self._on_work_request(info, msg)
         elif isinstance(msg, Heartbeat):
-            self._touch(msg.sampler_id, msg.version)
+            self.members.touch(sampler_id, version=msg.version, state=msg.state)
         elif isinstance(msg, SyncDone):
-            if self._touch(msg.sampler_id, msg.version) is not None:
-                self.step_stats["weight_sync/reload_seconds"] = msg.seconds
+            self.members.touch(sampler_id, version=msg.version)
+            self.step_stats = {"weight_sync/reload_seconds": msg.seconds}
+        elif isinstance(msg, SyncFailed):
+            self.members.touch(sampler_id)
+            log.warning("%s failed weight sync (generation %d): %s", info.describe(), msg.generation, msg.error)
+            self.members.mark_sync_failed(sampler_id, msg.generation, msg.error)
         else:
             self.counters[f"unexpected_{type(msg).__name__}"] += 1
 
-    def _items(self, keys: Sequence[Key]) -> list[WorkItem]:
-        mode, rollout = self.config.curriculum.mode, self.config.rollout
-        items = []
+    def _on_hello(self, identity: bytes, msg: Hello) -> None:
+        if msg.sampler_id >= self.config.cluster.num_samplers:
+            self.link.counters["unknown_sender"] += 1
+            log.warning("hello from sampler id %d outside the configured range", msg.sampler_id)
+            return
+        old = self.members.get(msg.sampler_id)
+        if old is not None and old.alive:
+            if old.identity == identity:
+                return  # a repeated hello of the same process
+            self._lose(msg.sampler_id, f"replaced by a new process (pid {msg.pid} on {msg.hostname})")
+        required = max(self.state.version, self.min_work_version)
+        info = self.members.join(identity, msg.sampler_id, msg.pid, msg.hostname, required)
+        log.info(
+            "sampler %d (pid %d on %s) joined (incarnation %d); work once it holds version %d",
+            msg.sampler_id,
+            msg.pid,
+            msg.hostname,
+            info.incarnation,
+            required,
+        )
+
+    def _on_work_request(self, info: SamplerInfo, msg: WorkRequest) -> None:
+        self.members.touch(info.sampler_id, version=msg.version)
+        if msg.version < info.required_version:
+            reason = f"waiting for weights version {info.required_version}"
+            self.link.send(info, NoWork(retry_after_s=NO_WORK_RETRY_S, reason=reason))
+            return
+        keys = self.state.assign(msg.sampler_id, msg.version, msg.max_prompts)
+        if not keys:
+            self.link.send(info, NoWork(retry_after_s=NO_WORK_RETRY_S, reason="staleness bound"))
+            return
+        assignment = WorkAssignment(items=work_items(self.prompts, keys, self.config), version=self.state.version)
+        if not self.link.send(info, assignment):
+            for key in keys:  # still in flight unless the failed send already declared the sampler lost
+                self.state.give_back(key)
+            return
         for epoch, pid in keys:
-            p = self.prompts[pid]
-            items.append(
-                WorkItem(
-                    prompt_id=pid,
-                    epoch=epoch,
-                    data_source=p.data_source,
-                    prompt_token_ids=p.token_ids,
-                    ground_truth=p.ground_truth,
-                    num_screen=rollout.n,
-                    num_continue=rollout.n_continue if mode == "speed" else 0,
-                )
-            )
-        return items
+            self.ledger.write("dispatched", pid, epoch, sampler=msg.sampler_id, version=msg.version)
 
     def _on_result(self, msg: Message) -> None:
+        if isinstance(msg, Heartbeat):
+            self.link.result_sender(msg.sampler_id, version=msg.version, state=msg.state)
+            return
+        if not isinstance(msg, ScreenReport | RolloutGroup | GroupDropped | EvalResult):
+            self.link.counters["unknown_sender"] += 1
+            return
+        if self.link.result_sender(msg.sampler_id) is None:
+            return
+        self.progress_at = time.monotonic()
         if isinstance(msg, ScreenReport):
-            if self._touch(msg.sampler_id) is None:
-                return
             key = (msg.epoch, msg.prompt_id)
             if self.state.on_screened(key, msg.qualified):
                 pass_rate = float(np.mean(msg.rewards))
@@ -427,52 +482,35 @@ class Dispatcher:
                 event = "qualified" if msg.qualified else "rejected"
                 self.ledger.write(event, msg.prompt_id, msg.epoch, sampler=msg.sampler_id)
         elif isinstance(msg, RolloutGroup):
-            if self._touch(msg.sampler_id) is None:
-                return
-            self._validate_group(msg)
             key = (msg.epoch, msg.prompt_id)
+            if msg.num_responses != self.config.group_size:
+                # A sampler built with another config: never trained on; the prompt goes to another sampler.
+                self.link.counters["bad_group"] += 1
+                log.error(
+                    "sampler %d sent a group of %d responses for prompt %d; this run's groups have %d: rejected",
+                    msg.sampler_id,
+                    msg.num_responses,
+                    msg.prompt_id,
+                    self.config.group_size,
+                )
+                if self.state.give_back(key):
+                    self.ledger.write("reissued", msg.prompt_id, msg.epoch, sampler=msg.sampler_id, reason="bad group")
+                return
             self.state.on_group(key, to_train_group(msg))
         elif isinstance(msg, GroupDropped):
-            if self._touch(msg.sampler_id) is None:
-                return
             if self.state.on_dropped((msg.epoch, msg.prompt_id)):
                 self.ledger.write("dropped", msg.prompt_id, msg.epoch, reason=msg.reason, version=msg.version)
-        elif isinstance(msg, EvalResult):
-            if self._touch(msg.sampler_id) is None:
-                return
-            self._on_eval(msg)
         else:
-            self.counters[f"unexpected_{type(msg).__name__}"] += 1
-
-    def _validate_group(self, msg: RolloutGroup) -> None:
-        expected = self.config.group_size
-        if msg.num_responses != expected:
-            # A sampler built with another config; the learner must not train on it.
-            raise DispatcherError(
-                f"sampler {msg.sampler_id} sent a group of {msg.num_responses} responses for prompt "
-                f"{msg.prompt_id}; this run's groups have {expected}"
-            )
-
-    def _on_eval(self, msg: EvalResult) -> None:
-        tally = self._eval_tally[msg.version]
-        tally[msg.data_source].append(float(np.mean(msg.scores)))
-        done = sum(len(v) for v in tally.values())
-        if done >= self._eval_expected.get(msg.version, 1 << 62):
-            accs = {source: float(np.mean(v)) for source, v in tally.items()}
-            del self._eval_tally[msg.version]
-            self._evals.put((msg.version, accs))
+            finished = self.evals.on_result(msg)
+            if finished is not None:
+                self._evals.put(finished)
 
     def _check_liveness(self) -> None:
-        now = time.monotonic()
         limit = self.config.pipeline.sampler_timeout_s
-        for sampler_id, info in self.samplers.items():
-            if info.alive and now - info.last_seen > limit:
-                info.alive = False
-                lost = self.state.sampler_lost(sampler_id)
-                for epoch, pid in lost:
-                    self.ledger.write("reissued", pid, epoch, sampler=sampler_id, reason="sampler silent")
-                log.error(
-                    "sampler %d silent for %.0f s: declared dead, %d prompts re-issued", sampler_id, limit, len(lost)
-                )
-        if self.samplers and not self._live():
-            raise DispatcherError(f"every sampler is silent for over {limit:.0f} s (pipeline.sampler_timeout_s)")
+        for info in self.members.silent(limit):
+            silent_for = time.monotonic() - info.last_seen
+            self._lose(
+                info.sampler_id,
+                f"silent for {silent_for:.1f} s (pipeline.sampler_timeout_s = {limit:g}; last heartbeat said "
+                f"{info.state!r}, version {info.version})",
+            )

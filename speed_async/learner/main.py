@@ -11,9 +11,13 @@ else runs on the FSDP group meanwhile. Publishing runs in a thread, so with k >=
 the samplers receive the new weights; with k = 0 the dispatcher has no usable work until they have it.
 
 Checkpoints (speed_async.learner.checkpoint) are written after the step that produces version S when S is a
-multiple of trainer.save_every and at the last step. A resumed run loads the newest complete one on every rank,
-publishes the restored weights (version S) to the samplers, which start from the base model, before any work
-goes out (the dispatcher gives no work to a sampler below S), and continues at step S.
+multiple of trainer.save_every and at the last step, and when the run has to stop early: rank 0 gives up the
+batch of step S (no sampler alive for pipeline.rejoin_timeout_s, no progress, a stop request from the
+launcher, weights that cannot be published) and scatters an empty batch instead; on that signal every rank
+writes checkpoint S and the learner exits with status 1 and an error naming the cause (`TrainingStopped`).
+A resumed run loads the newest complete one on every rank, publishes the restored weights (version S) to the
+samplers, which start from the base model, before any work goes out (the dispatcher gives no work to a
+sampler below S), and continues at step S.
 """
 
 from __future__ import annotations
@@ -44,12 +48,20 @@ from speed_async.learner.checkpoint import (
     save_checkpoint,
     should_save,
 )
+from speed_async.learner.dispatcher import DispatcherError
 from speed_async.learner.model import init_distributed, iter_full_state, save_hf
+from speed_async.learner.publisher import PublishError
 from speed_async.learner.scatter import broadcast_groups
 from speed_async.learner.train_step import Learner
 
 log = logging.getLogger("speed_async.learner")
 ENDPOINTS_FILE = "endpoints.json"
+STOP_FILE = "stop_request"
+"""A file the launcher writes into the run directory to make the learner checkpoint and stop (its text: why)."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before its last step, after writing a checkpoint (the message says why and where)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,7 +128,7 @@ def run_learner(
     """Entry point of one learner rank (the launcher runs it under torchrun); `resume` continues `run_dir`
     from its newest complete checkpoint. Rank 0 writes its socket endpoints to run_dir/endpoints.json and
     also hands them to `announce` (the multi-node launcher publishes them on torchrun's store)."""
-    device = init_distributed(resolve_device(config.cluster.device))
+    device = init_distributed(resolve_device(config.cluster.device), timeout_s=config.pipeline.collective_timeout_s)
     rank = dist.get_rank()
     torch.manual_seed(config.trainer.seed)
     learner = Learner(config, model_path, device)
@@ -130,18 +142,35 @@ def run_learner(
             named = list(iter_full_state(learner.model))
             if head is not None:
                 head.publish(start, named)
+        stop: BaseException | None = None  # rank 0: why the run must stop at the next step
         for step in range(start, config.trainer.total_steps):
             t0 = time.perf_counter()
-            groups = head.next_batch(step) if head is not None else None
+            groups: list[TrainGroup] | None = None
+            if head is not None:
+                try:
+                    groups = head.next_batch(step) if stop is None else []
+                except (DispatcherError, PublishError) as err:
+                    stop, groups = err, []
             t_wait = time.perf_counter() - t0
             groups = broadcast_groups(groups, src=0)
+            if not groups:  # rank 0 gave up this step: checkpoint version `step` on every rank, then stop
+                path = _checkpoint_on_stop(config, run_dir, step, start, resume, learner, head)
+                raise TrainingStopped(
+                    f"stopped before step {step}: {stop}. Checkpoint of version {step}: {path}; continue with "
+                    f"`speed-async train --resume {run_dir}`"
+                    if head is not None
+                    else f"stopped before step {step} by learner rank 0 (its log says why)"
+                )
             stats = learner.train_step(groups, step)
             t_train = time.perf_counter() - t0 - t_wait
             named = [(name, tensor) for name, tensor in iter_full_state(learner.model)]
             t_gather = time.perf_counter() - t0 - t_wait - t_train
             final = step + 1 == config.trainer.total_steps or _agree_over_budget(head, config, device)
             if head is not None:
-                head.publish(step + 1, named, final=final)
+                try:
+                    head.publish(step + 1, named, final=final)
+                except PublishError as err:
+                    stop = err
                 record = {
                     "step": step,
                     "policy_version": step + 1,
@@ -167,6 +196,9 @@ def run_learner(
             head.finish()
         save_hf(learner.model, model_path, run_dir / "final_model")  # gathers on every rank, rank 0 writes
         return 0
+    except TrainingStopped as err:
+        log.error("%s", err)
+        return 1
     finally:
         if head is not None:
             head.close()
@@ -181,6 +213,17 @@ def _agree_over_budget(head: _Head | None, config: Config, device: torch.device)
     flag = torch.tensor([head is not None and time.time() - head.t_start >= budget], dtype=torch.int32, device=device)
     dist.broadcast(flag, src=0)
     return bool(flag.item())
+
+
+def _checkpoint_on_stop(
+    config: Config, run_dir: Path, step: int, start: int, resumed: bool, learner: Learner, head: _Head | None
+) -> Path:
+    """Every rank: write checkpoint `step` (weights after `step` RL steps) unless one exists already (the one
+    resumed from, or the regular one written after the previous step). Returns its directory."""
+    if (step == start and resumed) or (step > start and should_save(step, config.trainer.save_every, 0)):
+        return checkpoint_root(run_dir) / f"step-{step}"
+    snapshot = head.snapshot(step) if head is not None else None
+    return save_checkpoint(run_dir, step, learner.model, learner.optimizer, learner.scheduler, snapshot)
 
 
 def _first_per_source(prompts: list[Prompt], limit: int) -> list[Prompt]:
@@ -235,6 +278,8 @@ class _Head:
             self.ledger,
             key=key,
             sync_master=(advertised_host(config), self.publisher.master[1]),
+            run_dir=run_dir,
+            resume=restored is not None,
         )
         if restored is not None:
             reissued = self.dispatcher.restore(restored.dispatch, restored.ready, restored.counters, restored.version)
@@ -266,10 +311,11 @@ class _Head:
         self.eval_records: dict[int, dict[str, float]] = {}
 
     def start(self) -> None:
-        pipeline = self.config.pipeline
+        """Start the dispatcher and publisher threads; wait for every configured sampler to say hello."""
+        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         self.dispatcher.start()
-        self.dispatcher.wait_for_samplers(pipeline.sync_timeout_s)
-        self.publisher.form_group(generation=0)
+        self.publisher.start()
+        self.dispatcher.wait_for_samplers(self.config.pipeline.startup_timeout_s)
         if self.config.trainer.eval_every and not self.resumed:
             self._request_eval(0)
 
@@ -299,7 +345,20 @@ class _Head:
         self.pending_evals.add(version)
 
     def next_batch(self, step: int) -> list[TrainGroup]:
-        return self.dispatcher.next_batch(step, timeout_s=self.config.pipeline.sampler_timeout_s * 5)
+        """The batch of `step`; DispatcherError or PublishError when the run has to stop (see run_learner)."""
+        self.publisher.check()
+        pipeline = self.config.pipeline
+        return self.dispatcher.next_batch(
+            step,
+            no_progress_s=5 * pipeline.sampler_timeout_s,
+            rejoin_timeout_s=pipeline.rejoin_timeout_s,
+            stop_check=self._stop_requested,
+        )
+
+    def _stop_requested(self) -> str | None:
+        """The launcher's reason to stop, if it wrote one (run_dir/stop_request)."""
+        path = self.run_dir / STOP_FILE
+        return path.read_text(errors="replace").strip() or "no reason given" if path.exists() else None
 
     def publish(self, version: int, named: list[tuple[str, torch.Tensor]], final: bool = False) -> None:
         """Send `version` to the samplers; evaluate it when it is an evaluation step or the `final` one."""
@@ -312,6 +371,10 @@ class _Head:
         while result is not None:
             version, accs = result
             self.pending_evals.discard(version)
+            if accs is None:
+                log.warning("evaluation of version %d abandoned: a sampler holding part of it was lost", version)
+                result = self.dispatcher.poll_eval(0.0)
+                continue
             record = {"step": version, "policy_version": version, "time/wall": time.time() - self.t_start}
             record.update({f"eval/{source}/acc": acc for source, acc in accs.items()})
             self.metrics.log(record)
@@ -324,6 +387,10 @@ class _Head:
         record["weight_sync/gbps"] = self.publisher.last_gbps
         record.update(self.dispatcher.state.metrics())
         record.update(self.dispatcher.step_stats)  # the samplers' last reload time
+        record.update(self.dispatcher.transport_metrics)  # rejected frames and messages, by kind
+        record["samplers/live"] = float(len(self.dispatcher.live_samplers()))
+        record["weight_sync/generation"] = float(self.publisher.generation)
+        record["weight_sync/resyncs"] = float(self.publisher.resyncs)
         self.metrics.log(record)
         self._collect_evals()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -26,16 +27,21 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(device: torch.device) -> torch.device:
+def init_distributed(device: torch.device, timeout_s: float | None = None) -> torch.device:
     """Join the default process group (torchrun's env:// variables) unless already joined.
 
-    On CUDA the rank's device becomes cuda:LOCAL_RANK. Returns the device this rank computes on.
+    On CUDA the rank's device becomes cuda:LOCAL_RANK. `timeout_s` bounds every collective of the group
+    (None: torch's default). Returns the device this rank computes on.
     """
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend_for(device), device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend_for(device),
+            device_id=device if device.type == "cuda" else None,
+            timeout=None if timeout_s is None else timedelta(seconds=timeout_s),
+        )
     return device
 
 
