@@ -12,6 +12,13 @@
 What bounds the policy lag: the dispatcher hands out work only while it can still be trained within k
 versions, and the sampler loads new weights between generation calls, never during one. Evaluation items are
 always generated before loading newer weights, so eval at version v is measured on exactly version v.
+
+Faults. A heartbeat thread (speed_async.sampler.heartbeat) keeps beating while the engine is busy. A failed
+join or weight receive is reported (`SyncFailed`) and the sampler generates nothing until the learner has
+re-formed the group and sent complete weights again (bounded: `LearnerUnresponsive` after a while). `Rejoin`
+from the learner (it lost this sampler, e.g. after a long stall) drops all work and says hello again. Every
+wait for the learner is bounded by pipeline.request_timeout_s; past it the sampler raises
+`LearnerUnresponsive` naming what it waited for (the role exits with status 3).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,19 +51,28 @@ from speed_async.protocol import (
     JoinSyncGroup,
     Message,
     NoWork,
+    Rejoin,
     RolloutGroup,
     ScreenReport,
     Shutdown,
     SyncDone,
+    SyncFailed,
     UpdateWeights,
     WorkAssignment,
     WorkRequest,
 )
 from speed_async.rewards import RewardPool, overlong_penalty
-from speed_async.transport import Context, DealerSocket, PushSocket
+from speed_async.sampler.heartbeat import HeartbeatThread
+from speed_async.transport import Context, DealerSocket, PushSocket, TransportTimeout
 
 log = logging.getLogger("speed_async.sampler")
 HEARTBEAT_EVERY_S = 2.0
+MAX_SYNC_FAILURES = 5
+"""Consecutive failed weight-sync joins or receives before the sampler gives up (exits with an error)."""
+
+
+class LearnerUnresponsive(TimeoutError):
+    """The learner did not answer or take results within pipeline.request_timeout_s (the message says what)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,7 @@ class SamplerLoop:
         self,
         config: Config,
         sampler_id: int,
-        endpoints: SamplerEndpoints,
+        endpoints: SamplerEndpoints | Callable[[], SamplerEndpoints],
         model_path: str,
         *,
         key: bytes | None = None,
@@ -107,12 +123,29 @@ class SamplerLoop:
         self.assembler = GroupAssembler(
             config.curriculum.mode, config.curriculum.pass_rate_low, config.curriculum.pass_rate_high
         )
+        if callable(endpoints):  # resolved only now: the engine starts while the learner is still starting
+            endpoints = endpoints()
         self.ctx = Context()
         max_bytes = config.pipeline.max_message_bytes
-        identity = f"sampler-{sampler_id}".encode()
+        identity = f"sampler-{sampler_id}-{os.getpid()}".encode()  # one per process: the learner tells them apart
         self.dealer = DealerSocket(self.ctx, endpoints.work, identity, key=key, max_bytes=max_bytes)
         self.push = PushSocket(self.ctx, endpoints.results, key=key, max_bytes=max_bytes)
         self.endpoints = endpoints
+        self.activity = ("starting", time.monotonic())  # what the main loop does, since when (for heartbeats)
+        self.heartbeat = HeartbeatThread(
+            self.ctx,
+            endpoints.results,
+            sampler_id,
+            config.pipeline.heartbeat_s,
+            self._status,
+            key=key,
+            max_bytes=max_bytes,
+        )
+        self.sync_generation: int | None = None  # the weight-sync generation this engine is in
+        self.weights_ok = True  # False after a failed receive: possibly half-loaded weights, generate nothing
+        self.weights_bad_since = 0.0
+        self.sync_failures = 0
+        self._sync_store = None  # TCPStore client of the learner's sync store (membership barriers)
         self.eval_items: list[PromptWork] = []
         self.eval_version = -1
         self.pending_update: UpdateWeights | None = None
@@ -133,11 +166,30 @@ class SamplerLoop:
         self.t_first_work: float | None = None  # the stats' window starts with the first work
 
     # ---- messages ----------------------------------------------------------------------------------------
+    def _status(self) -> tuple[int, int, str]:
+        """(version, pending items, state) for the heartbeat thread."""
+        what, since = self.activity
+        pending = self.assembler.num_new + self.assembler.num_continue + len(self.eval_items)
+        return self.engine.version, pending, f"{what} for {time.monotonic() - since:.1f} s"
+
+    def _doing(self, what: str) -> None:
+        self.activity = (what, time.monotonic())
+
     def _send_control(self, msg: Message) -> None:
-        self.dealer.send(msg, timeout_s=self.config.pipeline.request_timeout_s)
+        self._send(self.dealer, msg, self.endpoints.work)
 
     def _emit(self, msg: Message) -> None:
-        self.push.send(msg, timeout_s=self.config.pipeline.request_timeout_s)
+        self._send(self.push, msg, self.endpoints.results)
+
+    def _send(self, sock: DealerSocket | PushSocket, msg: Message, endpoint: str) -> None:
+        timeout = self.config.pipeline.request_timeout_s
+        try:
+            sock.send(msg, timeout_s=timeout)
+        except TransportTimeout:
+            raise LearnerUnresponsive(
+                f"sampler {self.sampler_id}: the learner is unresponsive: sending {msg.TAG} to {endpoint} was "
+                f"blocked for {timeout:g} s (pipeline.request_timeout_s): the learner takes no messages"
+            ) from None
 
     def _handle(self, msg: Message) -> None:
         if isinstance(msg, WorkAssignment):
@@ -152,6 +204,34 @@ class SamplerLoop:
             self.eval_items.extend(_work_from_item(item) for item in msg.items)
             self.eval_version = msg.version
         elif isinstance(msg, JoinSyncGroup):
+            self._join(msg)
+        elif isinstance(msg, UpdateWeights):
+            if msg.generation == self.sync_generation:
+                self.pending_update = msg
+            else:  # announced on a generation this engine is not (or no longer) in
+                log.info(
+                    "sampler %d: update v%d on generation %d ignored", self.sampler_id, msg.version, msg.generation
+                )
+        elif isinstance(msg, Rejoin):
+            self._rejoin(msg.reason)
+        elif isinstance(msg, Shutdown):
+            self.stopping = msg.reason
+        else:
+            log.warning("sampler %d: unexpected %s on the work channel", self.sampler_id, type(msg).__name__)
+
+    def _join(self, msg: JoinSyncGroup) -> None:
+        """Join weight-sync generation `msg.generation`: the membership barrier, then the process group."""
+        from speed_async.weight_sync.group import connect_store
+        from speed_async.weight_sync.rendezvous import RendezvousError, join_generation
+
+        self._doing(f"joining weight-sync generation {msg.generation}")
+        self.pending_update = None
+        self.sync_generation = None
+        try:
+            if self._sync_store is None or self._sync_store[0] != (msg.master_addr, msg.master_port):
+                store = connect_store(msg.master_addr, msg.master_port, is_master=False, timeout_s=msg.timeout_s)
+                self._sync_store = ((msg.master_addr, msg.master_port), store)
+            join_generation(self._sync_store[1], msg.generation, msg.rank, msg.world_size, 2 * msg.timeout_s)
             backend = "nccl" if self.device == "cuda" else "gloo"
             self.engine.init_weight_sync(
                 msg.master_addr,
@@ -162,12 +242,65 @@ class SamplerLoop:
                 msg.timeout_s,
                 generation=msg.generation,
             )
-        elif isinstance(msg, UpdateWeights):
-            self.pending_update = msg
-        elif isinstance(msg, Shutdown):
-            self.stopping = msg.reason
-        else:
-            log.warning("sampler %d: unexpected %s on the work channel", self.sampler_id, type(msg).__name__)
+        except RendezvousError as err:
+            if err.reason == "timeout":
+                self._sync_failed(msg.generation, err)
+            else:  # the learner gave this generation up and forms another one
+                log.info("sampler %d: %s", self.sampler_id, err)
+            return
+        except Exception as err:  # a failed join is reported; the learner forms a new group
+            self._sync_failed(msg.generation, err)
+            return
+        self.sync_generation = msg.generation
+
+    def _sync_failed(self, generation: int, err: BaseException) -> None:
+        """Report a failed join or receive; give up after MAX_SYNC_FAILURES in a row."""
+        self.sync_failures += 1
+        log.warning("sampler %d: weight sync on generation %d failed: %s", self.sampler_id, generation, err)
+        if self.sync_failures >= MAX_SYNC_FAILURES:
+            raise RuntimeError(
+                f"sampler {self.sampler_id}: {self.sync_failures} weight-sync failures in a row"
+            ) from err
+        self.sync_generation = None
+        self._send_control(
+            SyncFailed(
+                sampler_id=self.sampler_id, generation=generation, version=self.engine.version, error=str(err)[:500]
+            )
+        )
+
+    def _receive(self, update: UpdateWeights) -> None:
+        """Receive and load weights `update.version`; on failure the weights count as incomplete."""
+        self._doing(f"receiving weights version {update.version}")
+        try:
+            seconds = self.engine.receive_weights(update.version)
+        except Exception as err:  # the reload may be partial: generate nothing until a full one
+            if self.weights_ok:
+                self.weights_ok, self.weights_bad_since = False, time.monotonic()
+            self._sync_failed(update.generation, err)
+            return
+        self.weights_ok, self.sync_failures = True, 0
+        self.stats["weight_sync_s"] += seconds
+        self._send_control(SyncDone(sampler_id=self.sampler_id, version=update.version, seconds=seconds))
+
+    def _check_weights_wait(self) -> None:
+        """Incomplete weights are re-sent once the learner has re-formed the group; bound that wait."""
+        pipeline = self.config.pipeline
+        limit = 2 * (2 * pipeline.sync_timeout_s + pipeline.sampler_timeout_s)
+        if not self.weights_ok and time.monotonic() - self.weights_bad_since > limit:
+            raise LearnerUnresponsive(
+                f"sampler {self.sampler_id}: the learner is unresponsive: it did not re-send the weights within "
+                f"{limit:g} s after a failed receive (2 x (2 x pipeline.sync_timeout_s + pipeline.sampler_timeout_s))"
+            )
+
+    def _rejoin(self, reason: str) -> None:
+        """The learner lost this sampler: drop all work (it was re-issued), leave the group, say hello again."""
+        log.warning("sampler %d: the learner asks it to rejoin (%s); dropping its work", self.sampler_id, reason)
+        self.assembler = GroupAssembler(
+            self.config.curriculum.mode, self.config.curriculum.pass_rate_low, self.config.curriculum.pass_rate_high
+        )
+        self.eval_items, self.pending_update, self.request_sent_at, self.retry_at = [], None, None, 0.0
+        self.sync_generation = None
+        self._send_control(Hello(sampler_id=self.sampler_id, pid=os.getpid(), hostname=socket.gethostname()))
 
     def _drain(self, timeout_s: float) -> None:
         """Handle every message already waiting; wait up to `timeout_s` for the first one."""
@@ -181,13 +314,14 @@ class SamplerLoop:
         if self.request_sent_at is not None:
             waited = now - self.request_sent_at
             if waited > self.config.pipeline.request_timeout_s:
-                raise TimeoutError(
-                    f"sampler {self.sampler_id}: the dispatcher at {self.endpoints.work} did not answer a "
-                    f"WorkRequest within {waited:.0f} s (pipeline.request_timeout_s)"
+                raise LearnerUnresponsive(
+                    f"sampler {self.sampler_id}: the learner is unresponsive: the dispatcher at "
+                    f"{self.endpoints.work} did not answer a work request within {waited:.0f} s "
+                    f"(pipeline.request_timeout_s = {self.config.pipeline.request_timeout_s:g})"
                 )
             return
         want = self.config.rollout.gen_batch_size - self.assembler.num_new
-        if want > 0 and now >= self.retry_at:
+        if want > 0 and now >= self.retry_at and self.weights_ok:
             self._send_control(WorkRequest(sampler_id=self.sampler_id, version=self.engine.version, max_prompts=want))
             self.request_sent_at = now
 
@@ -204,7 +338,9 @@ class SamplerLoop:
     def _generate(self, batch: Sequence[tuple[PromptWork, int]]) -> list[list[Response]]:
         version = self.engine.version
         start = time.perf_counter()
+        self._doing(f"generating {sum(n for _, n in batch)} samples at version {version}")
         completions = self.engine.generate([w.prompt_token_ids for w, _ in batch], [n for _, n in batch], self.settings)
+        self._doing("scoring")
         self.stats["generation_s"] += time.perf_counter() - start
         self.stats["calls"] += 1
         items, owners = [], []
@@ -270,18 +406,22 @@ class SamplerLoop:
         if self.stopping is not None:
             return False
         update = self.pending_update
-        if update is not None and not (self.eval_items and self.eval_version < update.version):
-            seconds = self.engine.receive_weights(update.version)
-            self.stats["weight_sync_s"] += seconds
+        if update is not None and not (self.eval_items and self.eval_version < update.version and self.weights_ok):
             self.pending_update = None
-            self._send_control(SyncDone(sampler_id=self.sampler_id, version=update.version, seconds=seconds))
+            self._receive(update)
         self._maybe_request_work()
         self._heartbeat("running")
+        self._check_weights_wait()
+        if not self.weights_ok:
+            self._doing("waiting for complete weights")
+            self._drain(0.05)
+            return self.stopping is None
         train_batch = self.assembler.next_batch(self.config.rollout.gen_batch_size)
         eval_batch = [(w, w.num_screen) for w in self.eval_items]
         self.eval_items = []
         if not train_batch and not eval_batch:
             start = time.perf_counter()
+            self._doing("idle")
             self._drain(0.05)
             if self.t_first_work is not None:
                 self.stats["idle_s"] += time.perf_counter() - start
@@ -305,6 +445,7 @@ class SamplerLoop:
     def run(self) -> str:
         """Say hello, then loop until the dispatcher says stop; returns the reason."""
         self._send_control(Hello(sampler_id=self.sampler_id, pid=os.getpid(), hostname=socket.gethostname()))
+        self.heartbeat.start()
         while self.step():
             pass
         if self.t_first_work is not None:
@@ -313,6 +454,7 @@ class SamplerLoop:
 
     def close(self) -> None:
         """Release the engine, the reward workers and the sockets."""
+        self.heartbeat.stop()
         self.rewards.close()
         self.dealer.close()
         self.push.close()
