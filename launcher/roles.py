@@ -12,11 +12,15 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from speed_async.config import Config, config_from_dict
 
 ENDPOINTS_FILE = "endpoints.json"
+EXIT_LEARNER_UNRESPONSIVE = 3
+"""Exit status of a sampler that found the learner unresponsive: the launcher stops the run instead of
+restarting the sampler."""
 
 
 def _config(run_dir: Path) -> Config:
@@ -66,14 +70,23 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_learner(config, args.run_dir, args.model, resume=args.resume)
 
-    endpoints = wait_for_endpoints(args.run_dir, config.pipeline.sync_timeout_s)
-    return run_sampler(config, args.run_dir, args.model, args.sampler_id, endpoints)
+    # The engine starts first; the endpoints are awaited only then (the learner starts meanwhile).
+    return run_sampler(
+        config,
+        args.run_dir,
+        args.model,
+        args.sampler_id,
+        lambda: wait_for_endpoints(args.run_dir, config.pipeline.startup_timeout_s),
+    )
 
 
-def run_sampler(config: Config, run_dir: Path, model: str, sampler_id: int, endpoints: dict) -> int:
+def run_sampler(
+    config: Config, run_dir: Path, model: str, sampler_id: int, endpoints: dict | Callable[[], dict]
+) -> int:
     """Run sampler `sampler_id` against the learner's `endpoints` until the learner stops it; its time
-    budget goes to run_dir/sampler-<id>.json."""
-    from speed_async.sampler.loop import SamplerEndpoints, SamplerLoop
+    budget goes to run_dir/sampler-<id>.json. Returns 0, or EXIT_LEARNER_UNRESPONSIVE (3) after logging what
+    it waited for when the learner stopped answering."""
+    from speed_async.sampler.loop import LearnerUnresponsive, SamplerEndpoints, SamplerLoop
     from speed_async.transport import load_shared_key
 
     device = config.cluster.device
@@ -81,18 +94,27 @@ def run_sampler(config: Config, run_dir: Path, model: str, sampler_id: int, endp
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolve() -> SamplerEndpoints:
+        found = endpoints() if callable(endpoints) else endpoints
+        return SamplerEndpoints(work=found["work"], results=found["results"])
+
     loop = SamplerLoop(
         config,
         sampler_id,
-        SamplerEndpoints(work=endpoints["work"], results=endpoints["results"]),
+        resolve,
         model,
         key=load_shared_key(config.cluster.shared_key_file or None),
         device=device,
     )
+    log = logging.getLogger("speed_async.sampler")
     try:
         reason = loop.run()
-        logging.getLogger("speed_async.sampler").info("stopping: %s; stats %s", reason, loop.stats)
+        log.info("stopping: %s; stats %s", reason, loop.stats)
         (run_dir / f"sampler-{sampler_id}.json").write_text(json.dumps(loop.stats))
+    except LearnerUnresponsive as err:
+        log.error("%s", err)
+        return EXIT_LEARNER_UNRESPONSIVE
     finally:
         loop.close()
     return 0

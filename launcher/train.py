@@ -1,7 +1,14 @@
 """`speed-async train` on one machine: the learner under torchrun plus the sampler processes, supervised.
 
-Processes are tracked and ended by PID (their own process groups), never by name. A child that exits with an
-error is reported with its role and exit code, and the others are stopped.
+Processes are tracked and ended by PID (their own process groups, listed in run_dir/pids.json), never by name.
+- The learner exits: with an error, it is reported (role, exit code, the end of its log) and the samplers are
+  stopped; with success, the samplers (already told to stop) get a moment to exit on their own.
+- A sampler exits with an error (killed, crashed): it is reported with its role and exit code and started
+  again under the same sampler id (it rejoins the run and gets the current weights before any work), at most
+  cluster.max_sampler_restarts times per sampler. One more failure stops the run: the launcher asks the
+  learner to stop (run_dir/stop_request), which writes a checkpoint and exits; then everything is stopped.
+- A sampler that exits with status 3 found the learner unresponsive: the run is stopped, nothing restarted.
+Stopping sends SIGTERM (and SIGCONT, so that a stopped process can act on it), then SIGKILL after a grace.
 """
 
 from __future__ import annotations
@@ -22,15 +29,22 @@ from speed_async.config import Config, config_from_dict, config_to_dict, write_r
 from speed_async.config.loader import parse_override
 
 STOP_GRACE_S = 20.0
+STOP_FILE = "stop_request"  # speed_async.learner.main.STOP_FILE (not imported: it would pull in torch)
+EXIT_LEARNER_UNRESPONSIVE = 3  # launcher.roles.EXIT_LEARNER_UNRESPONSIVE
 
 
 @dataclass
 class Child:
-    """A started role process."""
+    """A started role process (and how to start it again)."""
 
     role: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    argv: list[str] | None = None
+    env: dict[str, str] | None = None
+    restarts: int = 0
+    given_up: bool = False
+    """Failed once more than allowed: reported and no longer watched."""
 
 
 def free_port() -> int:
@@ -151,7 +165,7 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _start(role: str, argv: list[str], extra_env: dict[str, str], run_dir: Path) -> Child:
+def _start(role: str, argv: list[str], extra_env: dict[str, str], run_dir: Path, restarts: int = 0) -> Child:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -163,14 +177,23 @@ def _start(role: str, argv: list[str], extra_env: dict[str, str], run_dir: Path)
     log_file = log_path.open("ab")
     proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     log_file.close()
-    return Child(role, proc, log_path)
+    return Child(role, proc, log_path, argv, extra_env, restarts)
+
+
+def write_pids(run_dir: Path, children: list[Child]) -> None:
+    """run_dir/pids.json: {role: pid} of the current processes (replaced atomically on every restart)."""
+    tmp = run_dir / "pids.json.tmp"
+    tmp.write_text(json.dumps({c.role: c.proc.pid for c in children}))
+    tmp.replace(run_dir / "pids.json")
 
 
 def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM each child's process group, then SIGKILL what is left after `grace_s` (by PID only)."""
+    """SIGTERM (and SIGCONT, for stopped ones) each child's process group, then SIGKILL what is left after
+    `grace_s` (by PID only)."""
     for child in children:
         if child.proc.poll() is None:
             _signal_group(child.proc.pid, signal.SIGTERM)
+            _signal_group(child.proc.pid, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
     for child in children:
         try:
@@ -192,36 +215,106 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def supervise(children: list[Child], progress: object | None = None, poll_s: float = 0.5) -> int:
-    """Wait for the learner to finish; on any child's failure report it and stop the rest. Exit status."""
-    learner = children[0]
-    samplers = children[1:]
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+def _last_error(path: Path) -> str:
+    """The last ERROR line a role logged (its own account of why it failed), or ''."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if " ERROR: " in line), "")
+
+
+def _report(child: Child, code: int) -> None:
+    error = _last_error(child.log_path)
+    print(
+        f"speed-async: {child.role} (pid {child.proc.pid}) {_describe_exit(code)}"
+        + (f"; its last error: {error}" if error else "")
+        + f"\nlast lines of {child.log_path}:\n{_tail(child.log_path)}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def supervise(
+    children: list[Child],
+    progress: object | None = None,
+    poll_s: float = 0.5,
+    *,
+    run_dir: Path | None = None,
+    max_restarts: int = 0,
+    stop_wait_s: float = 600.0,
+) -> int:
+    """Wait for the learner (children[0]) to finish, restarting failed samplers (see the module docstring).
+    Returns the exit status of the run: 0 when the learner finished, 1 otherwise."""
+    learner, samplers = children[0], children[1:]
+    stopping: str | None = None
+    stop_deadline = 0.0
     while True:
         if progress is not None:
             progress.update()
         code = learner.proc.poll()
         if code is not None:
             if code != 0:
-                print(
-                    f"speed-async: {learner.role} (pid {learner.proc.pid}) exited with code {code}; "
-                    f"last lines of {learner.log_path}:\n{_tail(learner.log_path)}",
-                    file=sys.stderr,
-                )
+                _report(learner, code)
                 stop_children(samplers)
+                if stopping is not None:
+                    print(f"speed-async: run stopped: {stopping}", file=sys.stderr, flush=True)
                 return 1
             # The learner told the samplers to stop; give them a moment to exit on their own.
             stop_children(samplers, grace_s=STOP_GRACE_S)
-            return 0
-        for child in samplers:
+            return 0 if stopping is None else 1
+        if stopping is not None and time.monotonic() > stop_deadline:
+            print(
+                f"speed-async: the learner did not stop within {stop_wait_s:.0f} s of the stop request; "
+                f"stopping every process ({stopping})",
+                file=sys.stderr,
+                flush=True,
+            )
+            stop_children(children)
+            return 1
+        for i, child in enumerate(samplers):
             code = child.proc.poll()
-            if code is not None and code != 0:
+            if code is None or code == 0 or child.given_up:
+                continue
+            _report(child, code)
+            if code == EXIT_LEARNER_UNRESPONSIVE:
                 print(
-                    f"speed-async: {child.role} (pid {child.proc.pid}) exited with code {code}; "
-                    f"last lines of {child.log_path}:\n{_tail(child.log_path)}",
+                    f"speed-async: {child.role} found the learner unresponsive (its log says what it waited for); "
+                    "stopping the run",
                     file=sys.stderr,
+                    flush=True,
                 )
                 stop_children(children)
                 return 1
+            if child.restarts < max_restarts and stopping is None and run_dir is not None and child.argv:
+                samplers[i] = _start(child.role, child.argv, child.env or {}, run_dir, restarts=child.restarts + 1)
+                children[i + 1] = samplers[i]
+                write_pids(run_dir, children)
+                print(
+                    f"speed-async: restarted {child.role} as pid {samplers[i].proc.pid} (restart "
+                    f"{child.restarts + 1} of cluster.max_sampler_restarts = {max_restarts})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
+            if stopping is None:
+                stopping = (
+                    f"{child.role} failed {child.restarts + 1} times (cluster.max_sampler_restarts = {max_restarts})"
+                )
+                print(f"speed-async: {stopping}; asking the learner to checkpoint and stop", file=sys.stderr)
+                if run_dir is None:
+                    stop_children(children)
+                    return 1
+                (run_dir / STOP_FILE).write_text(stopping + "\n")
+                stop_deadline = time.monotonic() + stop_wait_s
+            child.given_up = True
         time.sleep(poll_s)
 
 
@@ -234,17 +327,24 @@ def run_train(config: Config, resume: bool = False) -> int:
     run_dir = make_run_dir(config)
     from_step = check_resumable(config, run_dir) if resume else 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("endpoints.json",):
+    for stale in ("endpoints.json", STOP_FILE):
         (run_dir / stale).unlink(missing_ok=True)
     write_resolved_config(config, run_dir)
     resumed = f", resuming at step {from_step}" if resume else ""
     print(f"speed-async: run directory {run_dir}  (model {model}{resumed})", flush=True)
     commands = role_commands(config, run_dir, model, resume=resume)
     children = [_start(role, argv, env, run_dir) for role, argv, env in commands]
-    (run_dir / "pids.json").write_text(json.dumps({c.role: c.proc.pid for c in children}))
+    write_pids(run_dir, children)
     progress = Progress(run_dir, config) if config.logging.progress else None
+    pipeline = config.pipeline
     try:
-        status = supervise(children, progress)
+        status = supervise(
+            children,
+            progress,
+            run_dir=run_dir,
+            max_restarts=config.cluster.max_sampler_restarts,
+            stop_wait_s=5 * pipeline.sampler_timeout_s + 6 * pipeline.sync_timeout_s + 120,
+        )
     except KeyboardInterrupt:
         print("speed-async: interrupted; stopping every process", file=sys.stderr)
         stop_children(children)

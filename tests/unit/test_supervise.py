@@ -1,0 +1,114 @@
+"""The single-machine launcher's supervision, with small stand-in processes for the roles (no torch, no vLLM).
+
+A failed sampler is reported (role, exit code or signal) and restarted under the same role up to
+cluster.max_sampler_restarts times, pids.json following each restart; one failure more asks the learner to
+checkpoint and stop (run_dir/stop_request) and the run ends with status 1. A sampler that found the learner
+unresponsive (status 3) stops the run at once. Stopping also ends stopped (SIGSTOP) processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.train import STOP_FILE, Child, _start, stop_children, supervise, write_pids
+
+pytestmark = pytest.mark.timeout(120)
+
+# The stand-in learner finishes when told to stop (the real one writes a checkpoint first) or after 60 s.
+LEARNER = f"""
+import pathlib, sys, time
+stop = pathlib.Path({{run_dir!r}}) / {STOP_FILE!r}
+for _ in range(600):
+    if stop.exists():
+        print("learner ERROR: stopped on request:", stop.read_text().strip(), flush=True)
+        sys.exit(1)
+    time.sleep(0.1)
+"""
+
+
+def _children(run_dir: Path, sampler_code: str) -> list[Child]:
+    learner = [sys.executable, "-c", LEARNER.format(run_dir=str(run_dir))]
+    sampler = [sys.executable, "-c", sampler_code]
+    children = [_start("learner", learner, {}, run_dir), _start("sampler[0]", sampler, {}, run_dir)]
+    write_pids(run_dir, children)
+    return children
+
+
+def test_a_failing_sampler_is_restarted_then_the_run_stops_with_a_checkpoint_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    children = _children(tmp_path, "import time, sys; time.sleep(0.3); sys.exit(7)")
+    first = children[1].proc.pid
+    status = supervise(children, poll_s=0.05, run_dir=tmp_path, max_restarts=2, stop_wait_s=30)
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.count("sampler[0] (pid") == 3 and "exited with code 7" in err
+    assert "(restart 1 of cluster.max_sampler_restarts = 2)" in err
+    assert "(restart 2 of cluster.max_sampler_restarts = 2)" in err
+    assert "sampler[0] failed 3 times (cluster.max_sampler_restarts = 2)" in err
+    assert (tmp_path / STOP_FILE).read_text().startswith("sampler[0] failed 3 times")
+    assert "its last error: learner ERROR: stopped on request" in err
+    pids = json.loads((tmp_path / "pids.json").read_text())
+    assert pids["sampler[0]"] == children[1].proc.pid != first, "pids.json names the newest process"
+    assert children[1].restarts == 2
+
+
+def test_a_killed_sampler_is_reported_with_its_signal_and_restarted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The first sampler process kills itself; the restarted one marks its start and runs until stopped; the
+    # stand-in learner finishes once the restarted sampler is up.
+    first, second = tmp_path / "first", tmp_path / "second"
+    sampler = (
+        "import os, pathlib, signal, time\n"
+        f"first, second = pathlib.Path({str(first)!r}), pathlib.Path({str(second)!r})\n"
+        "if not first.exists():\n    first.touch(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "second.touch(); time.sleep(60)\n"
+    )
+    learner = f"import pathlib, time\nwhile not pathlib.Path({str(second)!r}).exists(): time.sleep(0.05)\n"
+    children = [
+        _start("learner", [sys.executable, "-c", learner], {}, tmp_path),
+        _start("sampler[0]", [sys.executable, "-c", sampler], {}, tmp_path),
+    ]
+    status = supervise(children, poll_s=0.05, run_dir=tmp_path, max_restarts=1, stop_wait_s=30)
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert "sampler[0] (pid" in err and "was killed by SIGKILL (exit code -9)" in err
+    assert "(restart 1 of cluster.max_sampler_restarts = 1)" in err
+    assert all(c.proc.poll() is not None for c in children), "every process is stopped when supervise returns"
+
+
+def test_a_sampler_that_finds_the_learner_unresponsive_stops_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    children = _children(tmp_path, "import sys; print('sampler ERROR: the learner is unresponsive'); sys.exit(3)")
+    start = time.monotonic()
+    status = supervise(children, poll_s=0.05, run_dir=tmp_path, max_restarts=5, stop_wait_s=30)
+    err = capsys.readouterr().err
+    assert status == 1 and time.monotonic() - start < 25
+    assert "found the learner unresponsive" in err and "restarted" not in err
+    assert children[0].proc.poll() is not None, "the learner was stopped"
+
+
+def test_stopping_ends_a_stopped_process(tmp_path: Path) -> None:
+    child = _start("sampler[0]", [sys.executable, "-c", "import time; time.sleep(60)"], {}, tmp_path)
+    os.killpg(child.proc.pid, signal.SIGSTOP)
+    start = time.monotonic()
+    stop_children([child], grace_s=10)
+    assert child.proc.poll() == -signal.SIGTERM and time.monotonic() - start < 5
+
+
+def test_pids_file_is_replaced_atomically(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    write_pids(tmp_path, [Child("learner", proc, tmp_path / "x.log")])
+    assert json.loads((tmp_path / "pids.json").read_text()) == {"learner": proc.pid}
+    assert not (tmp_path / "pids.json.tmp").exists()
