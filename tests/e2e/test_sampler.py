@@ -3,7 +3,9 @@
 Checks the three modes end to end: SPEED emits only groups whose screening pass rate is strictly inside the
 band, of size n + n_continue, with the rejected prompts reported; plain groups are all emitted; DAPO drops
 zero-variance groups and reports them. Rewards are recomputed from the decoded responses, and behaviour
-log-probs are compared with a transformers forward pass of the same weights.
+log-probs are compared with a transformers forward pass of the same weights. In one of them the "learner"
+then stops answering, and the sampler must report it (naming what it waited for) and exit with status 3
+within pipeline.request_timeout_s.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ def _items(tokenizer, n: int, n_continue: int) -> list[WorkItem]:
     ]
 
 
-def _drive(tmp_path: Path, model: Path, overrides: list[str]) -> tuple[list, list[WorkItem], Path]:
+def _drive(
+    tmp_path: Path, model: Path, overrides: list[str], *, then_hang: bool = False
+) -> tuple[list, list[WorkItem], Path]:
+    """Hand the prompts to a real sampler and collect what it streams back; then tell it to stop or, with
+    `then_hang`, stop answering (a hung learner) and check that it reports that and exits with status 3."""
     config = load_config(
         None, ["rollout.max_response_length=48", "rollout.gen_batch_size=6", "rollout.enforce_eager=true", *overrides]
     )
@@ -93,8 +99,19 @@ def _drive(tmp_path: Path, model: Path, overrides: list[str]) -> tuple[list, lis
             results.append(msg)
             if isinstance(msg, RolloutGroup | GroupDropped) or (isinstance(msg, ScreenReport) and not msg.qualified):
                 finished.add(msg.prompt_id)
-        router.send_to(identity, Shutdown(reason="test over"))
-        assert proc.wait(timeout=60) == 0, log_tail(tmp_path / "sampler-0.log")
+        if then_hang:
+            hung_at = time.monotonic()
+            code = proc.wait(timeout=120)
+            waited = time.monotonic() - hung_at
+            log = (tmp_path / "sampler-0.log").read_text(errors="replace")
+            assert code == 3, log_tail(tmp_path / "sampler-0.log")
+            limit = config.pipeline.request_timeout_s
+            assert limit - 1 <= waited < limit + 15, f"reported after {waited:.1f} s (request_timeout_s = {limit})"
+            assert "the learner is unresponsive: the dispatcher at tcp://127.0.0.1:" in log
+            assert "did not answer a work request within" in log
+        else:
+            router.send_to(identity, Shutdown(reason="test over"))
+            assert proc.wait(timeout=60) == 0, log_tail(tmp_path / "sampler-0.log")
     finally:
         kill_group(proc)
         router.close()
@@ -143,8 +160,9 @@ def test_speed_mode_emits_only_qualified_complete_groups(tmp_path: Path, tiny_mo
     _check_rewards_and_logprobs(groups, items, model)
 
 
-def test_plain_mode_emits_every_group(tmp_path: Path, tiny_model_dir: Path) -> None:
-    results, items, model = _drive(tmp_path, tiny_model_dir, ["curriculum.mode=none", "rollout.n=6"])
+def test_plain_mode_emits_every_group_then_reports_a_hung_learner(tmp_path: Path, tiny_model_dir: Path) -> None:
+    overrides = ["curriculum.mode=none", "rollout.n=6", "pipeline.request_timeout_s=8"]
+    results, items, model = _drive(tmp_path, tiny_model_dir, overrides, then_hang=True)
     groups = [m for m in results if isinstance(m, RolloutGroup)]
     assert sorted(g.prompt_id for g in groups) == list(range(NUM_PROMPTS))
     assert all(g.num_responses == 6 for g in groups)
