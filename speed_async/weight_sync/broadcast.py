@@ -163,13 +163,16 @@ class BufferPool:
 
 @dataclass
 class Incoming:
-    """A broadcast whose metadata has arrived; `tensors()` receives the buckets, one ahead of the consumer."""
+    """A broadcast whose metadata has arrived; `tensors()` receives the buckets ahead of the consumer."""
 
     group: SyncGroup
     version: int
     buckets: list[Bucket]
     device: torch.device
     pool: BufferPool | None = None
+    ahead: int | None = 1
+    """Buckets posted beyond the one the consumer is taking; None posts every bucket at once (the transfer
+    then runs at the wire's speed while the consumer reloads, at the cost of holding the whole broadcast)."""
     received_buckets: int = field(default=0)
     _used: list[torch.Tensor] = field(default_factory=list)
 
@@ -191,20 +194,20 @@ class Incoming:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) bucket by bucket; a bucket's tensors are views into its own flat buffer, valid
-        until `release()`. Bucket i+1 is already being received while the consumer takes bucket i.
+        until `release()`. Buckets i+1 .. i+`ahead` are already being received while the consumer takes bucket i.
 
         Consume it completely: the sender blocks on every bucket until all receivers have taken it.
         """
         assert self.received_buckets == 0, "an Incoming broadcast can be consumed once"
-        if not self.buckets:
-            return
-        nxt = self._start(0)
+        n = len(self.buckets)
+        depth = n if self.ahead is None else 1 + max(0, self.ahead)
+        started: deque[tuple[torch.Tensor, Pending]] = deque(self._start(i) for i in range(min(depth, n)))
         for i, bucket in enumerate(self.buckets):
-            flat, pending = nxt
+            flat, pending = started.popleft()
             pending.wait()
             self.received_buckets += 1
-            if i + 1 < len(self.buckets):
-                nxt = self._start(i + 1)
+            if i + depth < n:
+                started.append(self._start(i + depth))
             if flat.device != self.device:
                 flat = flat.to(self.device)
             yield from unpack(bucket, flat)
@@ -217,11 +220,17 @@ class Incoming:
         self._used = []
 
 
-def receive(group: SyncGroup, device: torch.device | str | None = None, pool: BufferPool | None = None) -> Incoming:
+def receive(
+    group: SyncGroup,
+    device: torch.device | str | None = None,
+    pool: BufferPool | None = None,
+    ahead: int | None = 1,
+) -> Incoming:
     """Receive the metadata of the next broadcast on `group` (rank > 0); tensors land on `device`; receive
-    buffers come from `pool` when given (return them with `Incoming.release()`)."""
+    buffers come from `pool` when given (return them with `Incoming.release()`); `ahead`: see `Incoming`."""
     if group.rank == 0:
         raise ValueError("receive() is for ranks > 0 of the sync group; rank 0 sends")
     version, bucket_bytes, metas = decode_metadata(_receive_metadata(group))
     target = torch.device(device) if device is not None else group.device
-    return Incoming(group=group, version=version, buckets=plan_buckets(metas, bucket_bytes), device=target, pool=pool)
+    buckets = plan_buckets(metas, bucket_bytes)
+    return Incoming(group=group, version=version, buckets=buckets, device=target, pool=pool, ahead=ahead)

@@ -60,7 +60,10 @@ class WeightSyncWorkerExtension:
             # On CPU, receive buffers are kept between versions (one extra copy of the weights in host memory):
             # fresh ones cost a page fault per page. CUDA's caching allocator already reuses device memory.
             self._receive_pool = BufferPool()
-        incoming = receive(group, self.device, pool=self._receive_pool)
+        # On CPU every bucket is posted at once (into the pooled buffers): the learner's send finishes at the
+        # wire's speed while this engine reloads; on CUDA one bucket ahead bounds the extra device memory.
+        on_cpu = self._receive_pool is not None
+        incoming = receive(group, self.device, pool=self._receive_pool, ahead=None if on_cpu else 1)
         if incoming.version != version:
             raise RuntimeError(f"weight broadcast carries version {incoming.version}, expected version {version}")
         self.reload_weights(weights_iterator=incoming.tensors(), is_checkpoint_format=True)
