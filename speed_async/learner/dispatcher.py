@@ -7,7 +7,7 @@
              EvalResult/Heartbeat (heartbeat thread)           │   Ledger, Membership (liveness), EvalBook
   train loop ──commands (batch for step s, consumed or  ──────►│
                cancelled, update v, published v, eval v, stop) │
-  publisher  ──join generation g, lost samplers ──────────────►│
+  publisher  ──join generation g ─────────────────────────────►│
   train loop ◄──batches, eval accuracies, errors ──────────────┘
 ```
 The train loop never touches a socket: it asks for the batch of step s and waits on a queue with a timeout,
@@ -226,10 +226,6 @@ class Dispatcher:
         """Ask `members` (ranks 1.. in this order) to join weight-sync group `generation`."""
         self._commands.put(("join", generation, tuple(members), timeout_s))
 
-    def declare_lost(self, sampler_ids: Sequence[int], reason: str) -> None:
-        """Declare samplers lost (e.g. they did not join a sync group); their work is re-issued."""
-        self._commands.put(("lose", tuple(sampler_ids), reason))
-
     def live_samplers(self) -> list[int]:
         """Ids of the samplers currently considered alive."""
         return self.members.live_ids()
@@ -317,9 +313,6 @@ class Dispatcher:
             elif kind == "join":
                 _, generation, members, timeout_s = cmd
                 self.link.send_join(generation, members, self.sync_master, timeout_s)
-            elif kind == "lose":
-                for sampler_id in cmd[1]:
-                    self._lose(sampler_id, cmd[2])
             elif kind == "snapshot":
                 self._snapshots.put(
                     {

@@ -8,8 +8,10 @@ joined sampler gets no work until it holds `required_version` (the weights publi
 the publisher sends it after re-forming the weight-sync group with it.
 
 The dispatcher thread writes; the publisher thread reads and records formed groups; one lock guards all.
-Every change is also a line of run_dir/samplers.jsonl (`joined`, `lost`, `group_formed`, `sync_failed`), so
-operators and tests can follow the membership of a run.
+Every change is also a line of run_dir/samplers.jsonl (`joined`, `lost`, `group_formed`, `sync_failed`,
+`deferred`), so operators and tests can follow the membership of a run. A live sampler that does not arrive
+when a group is formed (busy in a long generation call) is not lost: it is deferred, left out of groups until
+it reports back, and the newest weights are then sent to it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class SamplerInfo:
     """Member of the current weight-sync generation."""
     sync_failed: bool = False
     """It reported a failed join or receive: the group is re-formed and the weights re-sent."""
+    deferred: bool = False
+    """Alive but did not arrive when a group was formed (e.g. busy in a long generation call): left out of
+    groups until it reports (SyncFailed) that it is ready again."""
 
     def describe(self) -> str:
         """`sampler 1 (pid 123 on node-1)`."""
@@ -144,13 +149,23 @@ class Membership:
             return info
 
     def mark_sync_failed(self, sampler_id: int, generation: int, error: str) -> None:
-        """`sampler_id` reported a failed join or receive on `generation`."""
+        """`sampler_id` reported a failed join or receive on `generation` (ignored when it is already a member
+        of a newer generation: a stale report)."""
+        with self._lock:
+            info = self._samplers.get(sampler_id)
+            if info is None or not info.alive or (info.in_group and generation < self.generation):
+                return
+            info.sync_failed, info.deferred = True, False
+        self.events.write("sync_failed", sampler=sampler_id, generation=generation, error=error)
+
+    def defer(self, sampler_id: int, generation: int) -> None:
+        """`sampler_id` did not arrive at generation `generation`: leave it out until it reports back."""
         with self._lock:
             info = self._samplers.get(sampler_id)
             if info is None or not info.alive:
                 return
-            info.sync_failed = True
-        self.events.write("sync_failed", sampler=sampler_id, generation=generation, error=error)
+            info.deferred, info.in_group = True, False
+        self.events.write("deferred", sampler=sampler_id, generation=generation)
 
     def restart_clocks(self) -> None:
         """Count every live sampler as heard from now (after the learner itself was stalled)."""
@@ -171,9 +186,16 @@ class Membership:
         self.events.write("group_formed", generation=generation, members=list(members))
 
     def needs_sync(self) -> bool:
-        """True when a live sampler is outside the current group or failed a transfer: re-form and re-send."""
+        """True when a live sampler (not deferred) is outside the current group or failed a transfer."""
         with self._lock:
-            return any(s.alive and (not s.in_group or s.sync_failed) for s in self._samplers.values())
+            return any(
+                s.alive and not s.deferred and (not s.in_group or s.sync_failed) for s in self._samplers.values()
+            )
+
+    def syncable_ids(self) -> list[int]:
+        """Ids of the live samplers that are not deferred: the members of the next group."""
+        with self._lock:
+            return [i for i, s in sorted(self._samplers.items()) if s.alive and not s.deferred]
 
     # ---- queries -----------------------------------------------------------------------------------------
     def get(self, sampler_id: int) -> SamplerInfo | None:

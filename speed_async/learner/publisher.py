@@ -14,25 +14,30 @@ Membership changes (the same thread, so nothing else runs on the group meanwhile
   thread form a new generation with the live samplers and send the newest published weights again, at once:
   a joiner gets no work before it holds them, and the learner may be waiting for its work.
 - A lost sampler leaves the group at the next publish (the next generation is formed without it).
-- A generation whose forming fails (a member lost meanwhile, or one that never arrives: those are declared
-  lost) or whose broadcast fails (a member died during it) is abandoned and the next one formed, up to
-  `MAX_ATTEMPTS` times per version. The weights of the newest version are kept (one host copy) for this.
+- A generation whose forming fails (a member lost meanwhile, or one that does not arrive in time: it is
+  deferred, i.e. left out until it reports back, see speed_async.learner.membership) or whose broadcast fails
+  (a member died or was busy during it) is abandoned and the next one formed, up to `MAX_ATTEMPTS` times per
+  version. The weights of the newest version are kept (one host copy) for this.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from speed_async.config import Config
 from speed_async.weight_sync.broadcast import WeightBroadcaster
 from speed_async.weight_sync.buckets import describe, plan_buckets
-from speed_async.weight_sync.group import SyncGroup, SyncTimeoutError, connect_store
+from speed_async.weight_sync.group import SyncGroup, SyncTimeoutError
 from speed_async.weight_sync.rendezvous import RendezvousError, abandon_generation, join_generation
 
 log = logging.getLogger("speed_async.publisher")
@@ -48,6 +53,16 @@ class _Job:
     after: Callable[[], None] | None
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket bound to `host` (`*` means every interface) and `port` (0: any free one)."""
+    address = "0.0.0.0" if host == "*" else host
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(256)
+    return sock
+
+
 class PublishError(RuntimeError):
     """Publishing a version failed (after MAX_ATTEMPTS generations) or did not finish in time."""
 
@@ -61,7 +76,19 @@ class WeightPublisher:
         self.timeout_s = config.pipeline.sync_timeout_s
         host = config.cluster.bind_host
         port = config.cluster.base_port + 2 if config.cluster.base_port else 0
-        self.store = connect_store(host, port, is_master=True, timeout_s=self.timeout_s)
+        # The store listens on a socket bound here, to cluster.bind_host only: a TCPStore left to bind by itself
+        # listens on every interface, whatever host it is given.
+        self._listener = _listen(host, port)
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+        self.store = dist.TCPStore(
+            host,
+            self._listener.getsockname()[1],
+            None,
+            True,
+            timedelta(seconds=self.timeout_s),
+            wait_for_workers=False,
+            master_listen_fd=self._listener.fileno(),
+        )
         self.master = (host, int(self.store.port))
         self.generation = -1
         self.members: tuple[int, ...] = ()
@@ -137,7 +164,7 @@ class WeightPublisher:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout_s * 3)
-        self._drop_group("the learner is closing")
+        self._drop_group("the learner is closing")  # the store's socket stays open until the process ends
 
     # ---- publisher thread --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -171,9 +198,9 @@ class WeightPublisher:
         """Get `job` to every live sampler, re-forming the group as needed (see the module docstring)."""
         errors = []
         for _ in range(MAX_ATTEMPTS):
-            members = tuple(self.dispatcher.live_samplers())
+            members = tuple(self.dispatcher.members.syncable_ids())
             if not members:
-                # Nobody to send to; whoever joins later gets these weights when the group is formed with it.
+                # Nobody to send to; whoever joins or reports back later gets these weights then.
                 self._drop_group("no live sampler")
                 self.dispatcher.mark_published(job.version)
                 return
@@ -209,11 +236,10 @@ class WeightPublisher:
         try:
             join_generation(self.store, generation, 0, len(members) + 1, 2 * self.timeout_s, lost_meanwhile)
         except RendezvousError as err:
-            missing = [members[rank - 1] for rank in err.missing if rank > 0]
-            if missing:
-                self.dispatcher.declare_lost(
-                    missing, f"did not join weight-sync generation {generation} within {2 * self.timeout_s:g} s"
-                )
+            # Alive but not there (busy): left out until it reports back; a dead one is lost by its heartbeats.
+            for rank in err.missing:
+                if rank > 0:
+                    self.dispatcher.members.defer(members[rank - 1], generation)
             raise
         self.group = SyncGroup(
             self.store,

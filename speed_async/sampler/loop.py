@@ -242,20 +242,17 @@ class SamplerLoop:
                 msg.timeout_s,
                 generation=msg.generation,
             )
-        except RendezvousError as err:
-            if err.reason == "timeout":
-                self._sync_failed(msg.generation, err)
-            else:  # the learner gave this generation up and forms another one
-                log.info("sampler %d: %s", self.sampler_id, err)
+        except RendezvousError as err:  # reported, so that a sampler left out meanwhile is taken in again
+            self._sync_failed(msg.generation, err, count=err.reason == "timeout")
             return
         except Exception as err:  # a failed join is reported; the learner forms a new group
             self._sync_failed(msg.generation, err)
             return
         self.sync_generation = msg.generation
 
-    def _sync_failed(self, generation: int, err: BaseException) -> None:
-        """Report a failed join or receive; give up after MAX_SYNC_FAILURES in a row."""
-        self.sync_failures += 1
+    def _sync_failed(self, generation: int, err: BaseException | str, count: bool = True) -> None:
+        """Report a failed join or receive; give up after MAX_SYNC_FAILURES counted ones in a row."""
+        self.sync_failures += int(count)
         log.warning("sampler %d: weight sync on generation %d failed: %s", self.sampler_id, generation, err)
         if self.sync_failures >= MAX_SYNC_FAILURES:
             raise RuntimeError(
@@ -271,6 +268,13 @@ class SamplerLoop:
     def _receive(self, update: UpdateWeights) -> None:
         """Receive and load weights `update.version`; on failure the weights count as incomplete."""
         self._doing(f"receiving weights version {update.version}")
+        from speed_async.weight_sync.rendezvous import is_abandoned
+
+        if self._sync_store is not None and (reason := is_abandoned(self._sync_store[1], update.generation)):
+            # The learner gave this transfer up while this engine was busy: nothing will come; say so.
+            self.sync_generation = None
+            self._sync_failed(update.generation, f"generation abandoned before the transfer ({reason})", count=False)
+            return
         try:
             seconds = self.engine.receive_weights(update.version)
         except Exception as err:  # the reload may be partial: generate nothing until a full one
@@ -325,12 +329,13 @@ class SamplerLoop:
             self._send_control(WorkRequest(sampler_id=self.sampler_id, version=self.engine.version, max_prompts=want))
             self.request_sent_at = now
 
-    def _heartbeat(self, state: str) -> None:
+    def _heartbeat(self) -> None:
+        """Also beat on the work channel now and then: the learner answers a sampler it lost with Rejoin."""
         now = time.monotonic()
         if now - self.last_heartbeat >= HEARTBEAT_EVERY_S:
-            pending = self.assembler.num_new + self.assembler.num_continue + len(self.eval_items)
+            version, pending, state = self._status()
             self._send_control(
-                Heartbeat(sampler_id=self.sampler_id, version=self.engine.version, num_pending=pending, state=state)
+                Heartbeat(sampler_id=self.sampler_id, version=version, num_pending=pending, state=state[:200])
             )
             self.last_heartbeat = now
 
@@ -410,7 +415,7 @@ class SamplerLoop:
             self.pending_update = None
             self._receive(update)
         self._maybe_request_work()
-        self._heartbeat("running")
+        self._heartbeat()
         self._check_weights_wait()
         if not self.weights_ok:
             self._doing("waiting for complete weights")

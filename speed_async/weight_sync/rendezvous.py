@@ -82,3 +82,9 @@ def join_generation(
 def abandon_generation(store: dist.Store, generation: int, reason: str) -> None:
     """Mark `generation` given up: members waiting in (or arriving at) its barrier leave with `reason`."""
     store.set(_key(generation, "abandoned"), reason.encode())
+
+
+def is_abandoned(store: dist.Store, generation: int) -> str | None:
+    """Why `generation` was abandoned, or None while it is not."""
+    key = _key(generation, "abandoned")
+    return store.get(key).decode(errors="replace") if store.check([key]) else None

@@ -32,6 +32,13 @@ def test_membership_tracks_incarnations_liveness_and_groups(tmp_path: Path) -> N
     members.mark_sync_failed(1, 0, "bucket 0 timed out")
     assert members.needs_sync()
     members.group_formed(1, (0, 1))
+    members.mark_sync_failed(1, 0, "a stale report about generation 0")
+    assert not members.needs_sync(), "a member of a newer generation reporting an old failure changes nothing"
+    members.defer(1, 2)  # alive, but did not arrive at generation 2 (busy)
+    assert members.syncable_ids() == [0] and members.live_ids() == [0, 1] and not members.needs_sync()
+    members.mark_sync_failed(1, 2, "generation 2 abandoned")  # it reports back: take it in again
+    assert members.syncable_ids() == [0, 1] and members.needs_sync()
+    members.group_formed(3, (0, 1))
     time.sleep(0.25)
     members.touch(1, state="generating")
     assert [s.sampler_id for s in members.silent(0.2)] == [0]
@@ -47,7 +54,8 @@ def test_membership_tracks_incarnations_liveness_and_groups(tmp_path: Path) -> N
     members.close()
     events = [json.loads(line) for line in (tmp_path / "samplers.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == [
-        "joined", "joined", "group_formed", "sync_failed", "group_formed", "lost", "lost", "joined",
+        "joined", "joined", "group_formed", "sync_failed", "group_formed", "deferred", "sync_failed",
+        "group_formed", "lost", "lost", "joined",
     ]  # fmt: skip
     assert events[-1] == {**events[-1], "sampler": 0, "pid": 3, "incarnation": 1, "required_version": 5}
 
