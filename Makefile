@@ -35,7 +35,7 @@ run: $(STAMP)
 	$(VENV)/bin/speed-async train --config $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -55,10 +55,10 @@ def bare(model: str, count: int, n: int, max_tokens: int, rounds: int) -> dict[s
 
 def pipeline(model: str, count: int, n: int, max_tokens: int, rounds: int) -> dict[str, float]:
     """A real sampler process fed by this process acting as the dispatcher; tokens counted on arrival."""
+    from launcher.standalone import kill_group, start_sampler
     from speed_async.config import load_config
     from speed_async.protocol import NoWork, RolloutGroup, Shutdown, WorkAssignment, WorkItem, WorkRequest
     from speed_async.transport import Context, PullSocket, RouterSocket
-    from tests.e2e.harness import kill_group, start_sampler
 
     prompts, answers = _prompts(model, count)
     config = load_config(

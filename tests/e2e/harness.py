@@ -2,50 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-from speed_async.config import Config, write_resolved_config
+from launcher.standalone import kill_group, role_env, start_sampler
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def role_env() -> dict[str, str]:
-    """The environment a role process gets in tests (in-process vLLM, 1 GiB KV cache, both cores)."""
-    env = dict(os.environ)
-    env.update(
-        VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-        TOKENIZERS_PARALLELISM="false",
-        WANDB_MODE="offline",
-        PYTHONPATH=str(REPO),
-    )
-    return env
-
-
-def start_sampler(config: Config, run_dir: Path, model: Path, sampler_id: int, endpoints: dict) -> subprocess.Popen:
-    """A real sampler process (vLLM engine) connected to `endpoints` (the test plays the dispatcher)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(config, run_dir)
-    (run_dir / "endpoints.json").write_text(json.dumps(endpoints))
-    log = (run_dir / f"sampler-{sampler_id}.log").open("wb")
-    argv = [sys.executable, "-m", "launcher.roles", "sampler", "--run-dir", str(run_dir), "--model", str(model)]
-    argv += ["--sampler-id", str(sampler_id)]
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=role_env(), start_new_session=True)
-
-
-def kill_group(proc: subprocess.Popen, sig: signal.Signals = signal.SIGKILL) -> None:
-    """Signal a test-started process and its children by process group id (never by name)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        proc.wait(timeout=30)
+__all__ = ["REPO", "kill_group", "log_tail", "role_env", "start_sampler"]
 
 
 def log_tail(path: Path, lines: int = 40) -> str:
