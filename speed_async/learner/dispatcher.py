@@ -339,14 +339,8 @@ class Dispatcher:
             self.ledger.write("reissued", pid, epoch, sampler=sampler_id, reason="sampler lost")
         for version in self.evals.sampler_lost(sampler_id):
             self._evals.put((version, None))
-        log.error(
-            "%s lost: %s; %d in-flight prompts re-issued; the learner was waiting for %s; live samplers now %s",
-            info.describe(),
-            reason,
-            len(lost),
-            self.waiting_for,
-            self.members.live_ids(),
-        )
+        what = (info.describe(), reason, len(lost), self.waiting_for, self.members.live_ids())
+        log.error("%s lost: %s; %d in-flight prompts re-issued; the learner was waiting for %s; live: %s", *what)
 
     def _try_batch(self) -> None:
         step = self._wanted_step
@@ -430,14 +424,8 @@ class Dispatcher:
             self._lose(msg.sampler_id, f"replaced by a new process (pid {msg.pid} on {msg.hostname})")
         required = max(self.state.version, self.min_work_version)
         info = self.members.join(identity, msg.sampler_id, msg.pid, msg.hostname, required)
-        log.info(
-            "sampler %d (pid %d on %s) joined (incarnation %d); work once it holds version %d",
-            msg.sampler_id,
-            msg.pid,
-            msg.hostname,
-            info.incarnation,
-            required,
-        )
+        what = (info.describe(), info.incarnation, required)
+        log.info("%s joined (incarnation %d); work once it holds version %d", *what)
 
     def _on_work_request(self, info: SamplerInfo, msg: WorkRequest) -> None:
         self.members.touch(info.sampler_id, version=msg.version)
@@ -479,13 +467,8 @@ class Dispatcher:
             if msg.num_responses != self.config.group_size:
                 # A sampler built with another config: never trained on; the prompt goes to another sampler.
                 self.link.counters["bad_group"] += 1
-                log.error(
-                    "sampler %d sent a group of %d responses for prompt %d; this run's groups have %d: rejected",
-                    msg.sampler_id,
-                    msg.num_responses,
-                    msg.prompt_id,
-                    self.config.group_size,
-                )
+                sizes = (msg.sampler_id, msg.num_responses, msg.prompt_id, self.config.group_size)
+                log.error("sampler %d sent %d responses for prompt %d; groups have %d: rejected", *sizes)
                 if self.state.give_back(key):
                     self.ledger.write("reissued", msg.prompt_id, msg.epoch, sampler=msg.sampler_id, reason="bad group")
                 return

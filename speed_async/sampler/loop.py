@@ -255,9 +255,7 @@ class SamplerLoop:
         self.sync_failures += int(count)
         log.warning("sampler %d: weight sync on generation %d failed: %s", self.sampler_id, generation, err)
         if self.sync_failures >= MAX_SYNC_FAILURES:
-            raise RuntimeError(
-                f"sampler {self.sampler_id}: {self.sync_failures} weight-sync failures in a row"
-            ) from err
+            raise RuntimeError(f"sampler {self.sampler_id}: {self.sync_failures} failed weight syncs in a row")
         self.sync_generation = None
         self._send_control(
             SyncFailed(
