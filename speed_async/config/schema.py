@@ -181,7 +181,9 @@ class PipelineConfig:
     before it reports the learner unresponsive, naming what it waited for, and exits with status 3."""
     sync_timeout_s: float = 120.0
     """Timeout of every weight-sync wait (connect, metadata, each bucket); forming a group waits up to twice
-    this for its members (one may first have to finish a failed receive)."""
+    this for its members (one may first have to finish a failed receive). Samplers load weights between
+    generation calls, so make it longer than one call; a sampler that misses a group because its call ran
+    longer is left out until it is ready (not declared lost) and catches up then."""
     sampler_timeout_s: float = 120.0
     """Liveness timeout: a sampler with no heartbeat for this long (killed, stopped, cut off) is declared lost,
     its in-flight prompts are re-issued to the others and the weight-sync group is re-formed without it.
@@ -192,10 +194,13 @@ class PipelineConfig:
     rejoin_timeout_s: float = 300.0
     """When no sampler is left alive, how long the learner waits for one to (re)join; then it writes a
     checkpoint and stops with an error naming the lost samplers (resume with `speed-async train --resume`)."""
+    progress_timeout_s: float = 600.0
+    """When live samplers deliver no result at all for this long (longer than any generation call should
+    take), the learner writes a checkpoint and stops with an error: a run that makes no progress."""
     collective_timeout_s: float = 1800.0
     """Timeout of the learner ranks' own collectives (batch scatter, FSDP, checkpoint barriers). Ranks other
-    than 0 wait in a collective while rank 0 waits for a batch, so it must exceed rejoin_timeout_s +
-    5 * sampler_timeout_s (rank 0's longest wait for a batch)."""
+    than 0 wait in a collective while rank 0 waits for a batch, so it must exceed progress_timeout_s +
+    sampler_timeout_s + rejoin_timeout_s (rank 0's longest wait for a batch)."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Messages larger than this are rejected and counted (transport/rejected/oversized); ZeroMQ cuts the
     connection of a peer that sends more than twice this in one message."""
@@ -209,16 +214,17 @@ class PipelineConfig:
             "sampler_timeout_s",
             "startup_timeout_s",
             "rejoin_timeout_s",
+            "progress_timeout_s",
         ):
             value = getattr(self, key)
             _require(value > 0, f"pipeline.{key}", value, "must be > 0")
-        longest_batch_wait = self.rejoin_timeout_s + 5 * self.sampler_timeout_s
+        longest_batch_wait = self.progress_timeout_s + self.sampler_timeout_s + self.rejoin_timeout_s
         _require(
             self.collective_timeout_s > longest_batch_wait,
             "pipeline.collective_timeout_s",
             self.collective_timeout_s,
-            f"must be > rejoin_timeout_s + 5 * sampler_timeout_s = {longest_batch_wait:g} (rank 0's longest wait "
-            "for a batch, during which the other learner ranks wait in a collective)",
+            f"must be > progress_timeout_s + sampler_timeout_s + rejoin_timeout_s = {longest_batch_wait:g} "
+            "(rank 0's longest wait for a batch, during which the other learner ranks wait in a collective)",
         )
         _require(self.reward_workers >= 1, "pipeline.reward_workers", self.reward_workers, "must be >= 1")
         _require(self.max_message_bytes >= 1024, "pipeline.max_message_bytes", self.max_message_bytes, ">= 1024")

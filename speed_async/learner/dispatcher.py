@@ -183,8 +183,8 @@ class Dispatcher:
                 elif time.monotonic() - max(self.progress_at, start) > no_progress_s and self.members.live_ids():
                     error = DispatcherError(
                         f"no batch for step {step}: samplers {self.members.live_ids()} delivered no result for "
-                        f"{no_progress_s:.0f} s ({len(self.state.ready)} of {ready} usable groups ready, "
-                        f"{len(self.state.in_flight)} prompts in flight)"
+                        f"{no_progress_s:.0f} s (pipeline.progress_timeout_s; {len(self.state.ready)} of {ready} "
+                        f"usable groups ready, {len(self.state.in_flight)} prompts in flight)"
                     )
                 if error is not None:
                     self.cancel_batch(step)

@@ -350,7 +350,7 @@ class _Head:
         pipeline = self.config.pipeline
         return self.dispatcher.next_batch(
             step,
-            no_progress_s=5 * pipeline.sampler_timeout_s,
+            no_progress_s=pipeline.progress_timeout_s,
             rejoin_timeout_s=pipeline.rejoin_timeout_s,
             stop_check=self._stop_requested,
         )

@@ -111,8 +111,8 @@ def test_heartbeats_keep_coming_while_the_main_thread_is_busy() -> None:
         (["pipeline.rejoin_timeout_s=0"], r"pipeline.rejoin_timeout_s = 0(\.0)? is invalid: must be > 0"),
         (["pipeline.startup_timeout_s=-1"], r"pipeline.startup_timeout_s = -1(\.0)? is invalid"),
         (
-            ["pipeline.collective_timeout_s=100", "pipeline.rejoin_timeout_s=50", "pipeline.sampler_timeout_s=10"],
-            r"pipeline.collective_timeout_s = 100(\.0)? is invalid: must be > rejoin_timeout_s \+ 5 \* sampler_time",
+            ["pipeline.collective_timeout_s=100", "pipeline.progress_timeout_s=40", "pipeline.rejoin_timeout_s=50"],
+            r"pipeline.collective_timeout_s = 100(\.0)? is invalid: must be > progress_timeout_s \+ sampler_time",
         ),
         (["cluster.max_sampler_restarts=-1"], r"cluster.max_sampler_restarts = -1 is invalid: must be >= 0"),
     ],
