@@ -1,6 +1,7 @@
 """`speed-async train` on one machine: the learner under torchrun plus the sampler processes, supervised.
 
-Processes are tracked and ended by PID (their own process groups, listed in run_dir/pids.json), never by name.
+Processes are tracked and ended by PID (their own process groups, listed in run_dir/pids.json together with
+the learner's rank-0 worker, which torchrun starts in a process group of its own), never by name.
 - The learner exits: with an error, it is reported (role, exit code, the end of its log) and the samplers are
   stopped; with success, the samplers (already told to stop) get a moment to exit on their own.
 - A sampler exits with an error (killed, crashed): it is reported with its role and exit code and started
@@ -180,20 +181,33 @@ def _start(role: str, argv: list[str], extra_env: dict[str, str], run_dir: Path,
     return Child(role, proc, log_path, argv, extra_env, restarts)
 
 
-def write_pids(run_dir: Path, children: list[Child]) -> None:
-    """run_dir/pids.json: {role: pid} of the current processes (replaced atomically on every restart)."""
+def write_pids(run_dir: Path, children: list[Child], extra: dict[str, int] | None = None) -> None:
+    """run_dir/pids.json: {role: pid} of the current processes (replaced atomically on every restart), plus
+    `extra` (the learner's rank-0 worker, which torchrun starts in a process group of its own)."""
     tmp = run_dir / "pids.json.tmp"
-    tmp.write_text(json.dumps({c.role: c.proc.pid for c in children}))
+    tmp.write_text(json.dumps({**{c.role: c.proc.pid for c in children}, **(extra or {})}))
     tmp.replace(run_dir / "pids.json")
 
 
-def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM (and SIGCONT, for stopped ones) each child's process group, then SIGKILL what is left after
+def _learner_worker(run_dir: Path) -> dict[str, int]:
+    """{"learner[0]": pid} of learner rank 0 once it has written endpoints.json, else {}."""
+    try:
+        return {"learner[0]": int(json.loads((run_dir / "endpoints.json").read_text())["pid"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S, others: list[int] | None = None) -> None:
+    """SIGTERM (and SIGCONT, for stopped ones) each child's process group and the process groups `others`
+    (the learner's workers, which torchrun puts in groups of their own), then SIGKILL what is left after
     `grace_s` (by PID only)."""
     for child in children:
         if child.proc.poll() is None:
             _signal_group(child.proc.pid, signal.SIGTERM)
             _signal_group(child.proc.pid, signal.SIGCONT)
+    for pid in others or []:
+        _signal_group(pid, signal.SIGTERM)
+        _signal_group(pid, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
     for child in children:
         try:
@@ -201,6 +215,20 @@ def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
         except subprocess.TimeoutExpired:
             _signal_group(child.proc.pid, signal.SIGKILL)
             child.proc.wait(timeout=10)
+    for pid in others or []:
+        while _exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_group(pid, signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -256,14 +284,17 @@ def supervise(
     learner, samplers = children[0], children[1:]
     stopping: str | None = None
     stop_deadline = 0.0
+    worker: dict[str, int] = {}
     while True:
         if progress is not None:
             progress.update()
+        if not worker and run_dir is not None and (worker := _learner_worker(run_dir)):
+            write_pids(run_dir, children, worker)
         code = learner.proc.poll()
         if code is not None:
             if code != 0:
                 _report(learner, code)
-                stop_children(samplers)
+                stop_children(samplers, others=list(worker.values()))
                 if stopping is not None:
                     print(f"speed-async: run stopped: {stopping}", file=sys.stderr, flush=True)
                 return 1
@@ -277,7 +308,7 @@ def supervise(
                 file=sys.stderr,
                 flush=True,
             )
-            stop_children(children)
+            stop_children(children, others=list(worker.values()))
             return 1
         for i, child in enumerate(samplers):
             code = child.proc.poll()
@@ -291,12 +322,12 @@ def supervise(
                     file=sys.stderr,
                     flush=True,
                 )
-                stop_children(children)
+                stop_children(children, others=list(worker.values()))
                 return 1
             if child.restarts < max_restarts and stopping is None and run_dir is not None and child.argv:
                 samplers[i] = _start(child.role, child.argv, child.env or {}, run_dir, restarts=child.restarts + 1)
                 children[i + 1] = samplers[i]
-                write_pids(run_dir, children)
+                write_pids(run_dir, children, worker)
                 print(
                     f"speed-async: restarted {child.role} as pid {samplers[i].proc.pid} (restart "
                     f"{child.restarts + 1} of cluster.max_sampler_restarts = {max_restarts})",

@@ -98,12 +98,18 @@ def test_a_sampler_that_finds_the_learner_unresponsive_stops_the_run(
     assert children[0].proc.poll() is not None, "the learner was stopped"
 
 
-def test_stopping_ends_a_stopped_process(tmp_path: Path) -> None:
+def test_stopping_ends_a_stopped_process_and_a_worker_in_its_own_group(tmp_path: Path) -> None:
     child = _start("sampler[0]", [sys.executable, "-c", "import time; time.sleep(60)"], {}, tmp_path)
+    # Like a torchrun worker: a process in a session of its own that ignores SIGTERM, and is stopped.
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    worker = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    time.sleep(0.5)
     os.killpg(child.proc.pid, signal.SIGSTOP)
+    os.killpg(worker.pid, signal.SIGSTOP)
     start = time.monotonic()
-    stop_children([child], grace_s=10)
-    assert child.proc.poll() == -signal.SIGTERM and time.monotonic() - start < 5
+    stop_children([child], grace_s=3, others=[worker.pid])
+    assert child.proc.poll() == -signal.SIGTERM
+    assert worker.wait(timeout=5) == -signal.SIGKILL and time.monotonic() - start < 10
 
 
 def test_pids_file_is_replaced_atomically(tmp_path: Path) -> None:
