@@ -1,5 +1,7 @@
-"""Kill -9 every process of a real run after its first checkpoint, `speed-async train --resume` it to the end,
-and check through the run directory that nothing was lost or repeated.
+"""Kill -9 every process of a real run after its first checkpoint and `speed-async train --resume` it; in the
+resumed run SIGSTOP the only sampler, so that the learner reports it lost, waits pipeline.rejoin_timeout_s,
+writes a checkpoint and stops with an error naming it; resume again to the end, and check through the run
+directory that nothing was lost or repeated.
 
 Effective history = ledger / metrics lines not marked `rolled_back`. In it: exactly BATCH groups trained at
 every step 0..N-1, each (epoch, prompt) trained at most once, lag <= k; every dispatched prompt has at most one
@@ -29,9 +31,11 @@ from tests.e2e.harness import REPO, role_env
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 6
+STEPS = 8
 BATCH = 4
 K = 1
+SAMPLER_TIMEOUT_S = 8.0
+REJOIN_TIMEOUT_S = 8.0
 FATES = ("trained", "rejected", "dropped")
 
 
@@ -43,6 +47,7 @@ def _argv(run_dir: Path, model: Path) -> list[str]:
         f"algorithm.mini_batch_size={BATCH // 2}", "rollout.n=4", "rollout.n_continue=4",
         "rollout.gen_batch_size=8", "rollout.max_response_length=48", "rollout.enforce_eager=true",
         "trainer.eval_every=0", "logging.progress=false", "logging.wandb_mode=disabled",
+        f"pipeline.sampler_timeout_s={SAMPLER_TIMEOUT_S}", f"pipeline.rejoin_timeout_s={REJOIN_TIMEOUT_S}",
     ]  # fmt: skip
 
 
@@ -57,6 +62,13 @@ def _kill_everything(launcher: subprocess.Popen, run_dir: Path) -> None:
         deadline = time.monotonic() + 30
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def _signal_all(launcher: subprocess.Popen, run_dir: Path, sig: signal.Signals) -> None:
+    """Signal the launcher and every process group it started (pids.json), by PID."""
+    for pid in [launcher.pid, *json.loads((run_dir / "pids.json").read_text()).values()]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
 
 
 def _alive(pid: int) -> bool:
@@ -80,20 +92,63 @@ def _steps(run_dir: Path) -> list[int]:
     return steps
 
 
+def _stop_the_only_sampler(tmp_path: Path, run_dir: Path, resumed_from: int) -> int:
+    """Resume; after a step, SIGSTOP the sampler; the learner must report it, checkpoint and stop. Returns the
+    version of the checkpoint it leaves."""
+    log = (tmp_path / "second.log").open("wb")
+    argv = [sys.executable, "-m", "speed_async", "train", "--resume", str(run_dir)]
+    second = subprocess.Popen(argv, env=role_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started = time.time()
+    deadline = time.monotonic() + 300
+    try:
+        while not any(e["event"] == "trained" and e["t"] >= started for e in read_ledger(run_dir)):
+            assert second.poll() is None, f"second run ended early: {(tmp_path / 'second.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no step of the resumed run within 300 s"
+            time.sleep(0.2)
+        sampler = json.loads((run_dir / "pids.json").read_text())["sampler[0]"]
+        stopped_at = time.time()
+        os.killpg(sampler, signal.SIGSTOP)
+        code = second.wait(timeout=SAMPLER_TIMEOUT_S + REJOIN_TIMEOUT_S + 180)
+    finally:
+        if second.poll() is None:
+            _kill_everything(second, run_dir)
+    out = (tmp_path / "second.log").read_text(errors="replace")
+    assert code == 1, f"the launcher reports the stopped run:\n{out[-3000:]}"
+    events = [json.loads(line) for line in (run_dir / "samplers.jsonl").read_text().splitlines()]
+    lost = [e for e in events if e["event"] == "lost" and e["pid"] == sampler]
+    assert len(lost) == 1 and "silent for" in lost[0]["reason"] and "last heartbeat said" in lost[0]["reason"], lost
+    assert lost[0]["waiting_for"].startswith(("the batch of step", "weights version", "the train step")), lost
+    # Reported within the liveness timeout (+ a heartbeat interval and scheduling slack on a loaded machine).
+    assert lost[0]["t"] - stopped_at < SAMPLER_TIMEOUT_S + 8, (lost, stopped_at)
+    assert "no sampler has been alive for" in out and f"sampler 0 (pid {sampler} on" in out, out[-3000:]
+    assert f"speed-async train --resume {run_dir}" in out
+    version, _ = latest_checkpoint(run_dir) or (0, run_dir)
+    steps = [r["step"] for r in effective(read_metrics(run_dir, include_rolled_back=True)) if "time/step" in r]
+    assert version == max(steps) + 1 and resumed_from < version < STEPS, (version, steps, resumed_from)
+    return version
+
+
+@pytest.mark.timeout(900)  # three launches: a few minutes on an idle 2-core machine, much longer on a loaded one
 def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     run_dir = tmp_path / "run"
     log = (tmp_path / "first.log").open("wb")
     first = subprocess.Popen(
         _argv(run_dir, tiny_model_dir), env=role_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     try:
-        while True:  # kill once a step past the first checkpoint is logged
+        while True:  # kill once a step past the newest checkpoint is logged
             found = latest_checkpoint(run_dir)
             if found is not None and any(s >= found[0] for s in _steps(run_dir)):
-                break
+                # Freeze every process, then look again: on a loaded machine the run may have written the next
+                # checkpoint meanwhile, and then there would be nothing to roll back.
+                _signal_all(first, run_dir, signal.SIGSTOP)
+                found = latest_checkpoint(run_dir)
+                if found is not None and any(s >= found[0] for s in _steps(run_dir)):
+                    break
+                _signal_all(first, run_dir, signal.SIGCONT)
             assert first.poll() is None, f"first run ended early: {(tmp_path / 'first.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no step past the first checkpoint within 240 s"
+            assert time.monotonic() < deadline, "no step past the first checkpoint within 300 s"
             time.sleep(0.2)
     finally:
         _kill_everything(first, run_dir)
@@ -102,6 +157,9 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny_model_di
     killed_at = max(_steps(run_dir))
     assert killed_at < STEPS - 1, "the run must be killed before its end for this test to mean anything"
 
+    stopped_version = _stop_the_only_sampler(tmp_path, run_dir, restored[0])
+
+    third_start = time.time()
     resumed = subprocess.run(
         [sys.executable, "-m", "speed_async", "train", "--resume", str(run_dir)],
         env=role_env(),
@@ -125,6 +183,8 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny_model_di
     resumed_part = everything[max(i for i, e in enumerate(everything) if e.get("rolled_back")) + 1 :]
     versions = {e["version"] for e in resumed_part if e["event"] == "dispatched"}
     assert min(versions) >= restored[0], "no work before the samplers hold the restored weights"
+    last_part = [e for e in everything if e["event"] == "dispatched" and e["t"] >= third_start]
+    assert last_part and min(e["version"] for e in last_part) >= stopped_version, "nor after the second resume"
     trained = [e for e in ledger if e["event"] == "trained"]
     assert Counter(e["step"] for e in trained) == {s: BATCH for s in range(STEPS)}
     assert all(0 <= e["lag"] <= K for e in trained), "no group beyond the staleness bound is ever trained"
