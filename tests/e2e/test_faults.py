@@ -61,7 +61,7 @@ def _argv(run_dir: Path, model: Path) -> list[str]:
         "rollout.enforce_eager=true", "trainer.eval_every=0", "logging.progress=false", "logging.wandb_mode=disabled",
         "cluster.num_samplers=2", "cluster.max_sampler_restarts=2", f"pipeline.sampler_timeout_s={SAMPLER_TIMEOUT_S}",
         "pipeline.sync_timeout_s=20", "pipeline.request_timeout_s=30",
-        "pipeline.startup_timeout_s=400", "pipeline.collective_timeout_s=600",
+        "pipeline.startup_timeout_s=400",
         f"pipeline.max_message_bytes={MAX_BYTES}",
     ]  # fmt: skip
 
