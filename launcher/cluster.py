@@ -171,6 +171,7 @@ def _run_learner(config: Config, role: WorkerRole, store, run_dir: Path, model: 
         rank=role.index,
         world_size=config.cluster.num_learner_ranks,
         device_id=device if device.type == "cuda" else None,
+        timeout=timedelta(seconds=config.pipeline.collective_timeout_s),
     )
 
     def announce(endpoints: dict) -> None:
