@@ -7,6 +7,7 @@ evaluation records of metrics.jsonl (`eval/<source>/acc` at `time/wall` seconds 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -181,3 +182,19 @@ def plot_curves(curves: dict[str, list[Curve]], out: Path, title: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def add_arm_args(parser: argparse.ArgumentParser, seeds: str, reference: str) -> None:
+    """The options every time-to-accuracy comparison takes (config, budget, evaluation, targets, outputs)."""
+    parser.add_argument("--config", default="configs/tiny-cpu.toml", help="TOML config (relative to the repo root)")
+    parser.add_argument("--model", default=None, help="HF model dir (default: the embedded tiny model)")
+    parser.add_argument("--seeds", default=seeds, help="comma-separated seeds")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget of every run")
+    parser.add_argument("--eval-every", type=int, default=5, help="evaluate every this many RL steps")
+    parser.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation")
+    parser.add_argument("--eval-n", type=int, default=4, help="samples per held-out prompt (mean@n)")
+    parser.add_argument("--fractions", default="0.5,0.8", help=f"targets: acc0 + f * ({reference} - acc0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override, all arms")
+    parser.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed)")
+    parser.add_argument("--out", type=Path, help="write a results markdown file here")
+    parser.add_argument("--plot", type=Path, help="write accuracy against wall-clock here (PNG)")

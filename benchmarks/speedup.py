@@ -38,6 +38,7 @@ from benchmarks.common import emit, machine, print_table  # noqa: E402
 from benchmarks.runs import (  # noqa: E402
     Arm,
     Curve,
+    add_arm_args,
     budget_overrides,
     default_model,
     eval_curve,
@@ -156,20 +157,9 @@ def final_rows(curves: dict[str, list[Curve]], dirs: dict[tuple[str, int], Path]
 def main() -> None:
     """Run the arms, print the tables and the JSON line; write the results file and the plot when asked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="rloo-k0 vs speed-rloo-k0, 1 seed, 60 s budget")
-    parser.add_argument("--config", default="configs/tiny-cpu.toml", help="TOML config (relative to the repo root)")
-    parser.add_argument("--model", default=None, help="HF model dir (default: the embedded tiny model)")
+    parser.add_argument("--quick", action="store_true", help="rloo-k0 vs speed-rloo-k0, 1 seed, 45 s budget")
     parser.add_argument("--arms", default="all", help="comma-separated arm names, or all")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3 for the full run)")
-    parser.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget of every run")
-    parser.add_argument("--eval-every", type=int, default=5, help="evaluate every this many RL steps")
-    parser.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation")
-    parser.add_argument("--eval-n", type=int, default=4, help="samples per held-out prompt (mean@n)")
-    parser.add_argument("--fractions", default="0.5,0.8", help="targets: acc0 + f * (base best - acc0)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override, all arms")
-    parser.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed)")
-    parser.add_argument("--out", type=Path, help="write a results markdown file here")
-    parser.add_argument("--plot", type=Path, help="write accuracy against wall-clock here (PNG)")
+    add_arm_args(parser, seeds="0,1,2", reference="base best")
     args = parser.parse_args()
     if args.quick:
         args.arms, args.seeds, args.budget_s, args.eval_every, args.eval_prompts = (

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import emit, machine, print_table  # noqa: E402
 from benchmarks.runs import (  # noqa: E402
     Arm,
+    add_arm_args,
     budget_overrides,
     default_model,
     eval_curve,
@@ -50,20 +51,9 @@ def main() -> None:
     """Run the arms, print the table and the JSON line; write the results file and the plot when asked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="k in {0, 2} without TIS, 1 seed, 45 s budget")
-    parser.add_argument("--config", default="configs/tiny-cpu.toml", help="TOML config (relative to the repo root)")
-    parser.add_argument("--model", default=None, help="HF model dir (default: the embedded tiny model)")
     parser.add_argument("--ks", default="0,1,2,4", help="comma-separated staleness bounds (must include 0)")
     parser.add_argument("--corrections", default="none,tis", help="comma-separated: none, tis")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget of every run")
-    parser.add_argument("--eval-every", type=int, default=5, help="evaluate every this many RL steps")
-    parser.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation")
-    parser.add_argument("--eval-n", type=int, default=4, help="samples per held-out prompt (mean@n)")
-    parser.add_argument("--fractions", default="0.5,0.8", help="targets: acc0 + f * (k=0 best - acc0)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override, all arms")
-    parser.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed)")
-    parser.add_argument("--out", type=Path, help="write a results markdown file here")
-    parser.add_argument("--plot", type=Path, help="write accuracy against wall-clock here (PNG)")
+    add_arm_args(parser, seeds="0", reference="k=0 best")
     args = parser.parse_args()
     if args.quick:
         args.ks, args.corrections, args.seeds, args.budget_s, args.eval_every, args.eval_prompts = (
