@@ -34,11 +34,11 @@ import numpy as np
 import pytest
 import zmq
 
-from speed_async.learner.checkpoint import effective, latest_checkpoint, unpack_head_state
+from speed_async.learner.checkpoint import effective
 from speed_async.learner.ledger import read_ledger
 from speed_async.metrics import read_metrics
 from speed_async.protocol import ScreenReport, WorkRequest, encode
-from tests.e2e.harness import REPO, role_env
+from tests.e2e.harness import FATES, REPO, check_accounting, role_env
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,6 @@ SAMPLER_TIMEOUT_S = 8.0
 MAX_BYTES = 1 << 20
 SHARED_KEY = "soak-test-shared-key-4f9c2a7e1b"
 WANDB_KEY = "wandb-secret-0123456789abcdef0123456789abcdef"
-FATES = ("trained", "rejected", "dropped")
 
 
 def _argv(run_dir: Path, model: Path) -> list[str]:
@@ -295,25 +294,12 @@ def _check_history(run_dir: Path) -> None:
     assert [r["policy_version"] for r in steps] == list(range(1, STEPS + 1))
     assert all(0 <= r["staleness/max"] <= K for r in steps)
     ledger = _ledger(run_dir)
-    trained = [e for e in ledger if e["event"] == "trained"]
-    assert Counter(e["step"] for e in trained) == {s: BATCH for s in range(STEPS)}
-    assert all(0 <= e["lag"] <= K for e in trained), "no group beyond the staleness bound is ever trained"
-    fates = Counter((e["epoch"], e["prompt_id"]) for e in ledger if e["event"] in FATES)
-    assert max(fates.values()) == 1, f"prompts with several fates: {[k for k, n in fates.items() if n > 1]}"
-    version, final = latest_checkpoint(run_dir) or (0, run_dir)
-    assert version == STEPS
-    head = unpack_head_state((final / "head.msgpack").read_bytes())
-    pending = {tuple(k) for k in head.dispatch["reissue"]} | {tuple(k) for k in head.dispatch["ready_keys"]}
-    tail = (run_dir / "ledger.jsonl").read_bytes()[head.ledger_offset :].decode().splitlines()
-    late = {(e["epoch"], e["prompt_id"]) for e in map(json.loads, tail) if e["event"] == "dispatched"}
-    dispatched = {(e["epoch"], e["prompt_id"]) for e in ledger if e["event"] == "dispatched"}
-    lost = dispatched - set(fates) - pending - late
-    assert not lost, f"dispatched prompts with no fate that were not pending at the end: {sorted(lost)}"
+    fates, pending, _ = check_accounting(run_dir, ledger, STEPS, BATCH, K)
     # What a killed or stopped sampler held was handed out again.
     reissued = {(e["epoch"], e["prompt_id"]) for e in ledger if e["event"] == "reissued"}
     assert reissued, "the lost samplers held work that was re-issued"
     for key in reissued:
-        assert key in set(fates) | pending | late, f"re-issued prompt {key} has no fate and is not pending"
+        assert key in fates | pending, f"re-issued prompt {key} has no fate and is not pending"
 
 
 def _check_no_secret_leaked(tmp_path: Path) -> None:
