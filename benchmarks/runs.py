@@ -84,12 +84,16 @@ class Curve:
 def eval_curve(run_dir: Path, source: str | None = None) -> Curve:
     """The accuracy curve of `source` (default: the first eval source found) from a finished run.
 
-    Wall seconds count from the start of the first RL step (engine start-up, the same for every arm, left
-    out, as the paper counts training time); the step-0 evaluation sits at 0.
+    The time of the evaluation of version v is training time: the wall seconds from the start of the first RL
+    step (engine start-up, the same for every arm, left out) to the end of the step that produced v, less the
+    samplers' time on the evaluations of earlier versions (`eval/seconds`: generating and scoring the held-out
+    prompts, time the run would otherwise have trained). The paper counts training time alike. At k = 0 an
+    evaluation stalls the whole pipeline, so this is exact; at k >= 1 the learner may train on buffered groups
+    meanwhile, so up to one train step per evaluation is subtracted too much. Version 0 sits at 0.
     """
     records = read_records(run_dir)
-    first = min((r for r in records if "time/step" in r), key=lambda r: r["step"], default=None)
-    origin = first["time/wall"] - first["time/step"] if first is not None else 0.0
+    steps = {int(r["step"]): r for r in records if "time/step" in r}
+    origin = steps[min(steps)]["time/wall"] - steps[min(steps)]["time/step"] if steps else 0.0
     evals = [r for r in records if any(k.startswith("eval/") and k.endswith("/acc") for k in r)]
     if not evals:
         raise ValueError(f"{run_dir}/metrics.jsonl has no evaluation records (eval/<source>/acc)")
@@ -97,11 +101,14 @@ def eval_curve(run_dir: Path, source: str | None = None) -> Curve:
         source = next(k for k in evals[0] if k.startswith("eval/") and k.endswith("/acc")).split("/")[1]
     key = f"eval/{source}/acc"
     evals = sorted((r for r in evals if key in r), key=lambda r: r["step"])
-    return Curve(
-        wall_s=tuple(max(0.0, float(r["time/wall"]) - origin) for r in evals),
-        steps=tuple(int(r["step"]) for r in evals),
-        acc=tuple(float(r[key]) for r in evals),
-    )
+    wall, spent = [], 0.0
+    for r in evals:
+        version = int(r["step"])
+        produced = steps[version]["time/wall"] - origin if version in steps else float(r["time/wall"]) - origin
+        wall.append(max(0.0, produced - spent) if version else 0.0)
+        spent += float(r.get("eval/seconds", 0.0))
+    steps_done = tuple(int(r["step"]) for r in evals)
+    return Curve(wall_s=tuple(wall), steps=steps_done, acc=tuple(float(r[key]) for r in evals))
 
 
 def step_records(run_dir: Path) -> list[dict[str, Any]]:

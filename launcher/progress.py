@@ -35,7 +35,7 @@ class Progress:
                 continue
             record = json.loads(line)
             for key, value in record.items():
-                if key.startswith("eval/") and value is not None:
+                if key.startswith("eval/") and key.endswith("/acc") and value is not None:
                     self.acc[key.split("/")[1]] = value
             if "time/step" in record:
                 self.tokens += record.get("train/response_tokens") or 0.0

@@ -278,8 +278,9 @@ class TrainerConfig:
     save_every: int = 0
     """Checkpoint every this many RL steps; 0 saves only at the end."""
     time_budget_s: float = 0.0
-    """Stop after the RL step that ends past this many seconds of wall-clock (counted from the learner's start,
-    across resumes) and finish as after the last step (evaluation, checkpoint, final model); 0: no budget."""
+    """Stop after the RL step that ends past this many seconds of run time: wall-clock from the learner's start
+    (across resumes) less the samplers' time on held-out evaluations (`eval/seconds`); then finish as after
+    the last step (evaluation, checkpoint, final model). 0: no budget."""
     run_dir: str = ""
     """Run directory; empty picks runs/<name>-<timestamp>."""
     name: str = "speed-async"

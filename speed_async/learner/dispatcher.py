@@ -40,7 +40,7 @@ from speed_async.config import Config
 from speed_async.curriculum.dispatch import DispatchState, Key
 from speed_async.data.prepare import Prompt
 from speed_async.learner.batch import TrainGroup
-from speed_async.learner.evaluation import EvalBook
+from speed_async.learner.evaluation import EvalBook, EvalOutcome
 from speed_async.learner.ledger import Ledger
 from speed_async.learner.membership import SamplerInfo
 from speed_async.learner.sampler_link import SamplerLink
@@ -110,7 +110,7 @@ class Dispatcher:
         self.evals = EvalBook(eval_prompts, config.trainer.eval_n)
         self._commands: queue.Queue[tuple] = queue.Queue()
         self._batches: queue.Queue[tuple[int, list[TrainGroup]]] = queue.Queue()
-        self._evals: queue.Queue[tuple[int, dict[str, float] | None]] = queue.Queue()
+        self._evals: queue.Queue[EvalOutcome] = queue.Queue()
         self._snapshots: queue.Queue[dict[str, Any]] = queue.Queue()
         self.min_work_version = 0  # a resumed run hands out no work to samplers below the restored version
         self._wanted_step: int | None = None
@@ -214,8 +214,8 @@ class Dispatcher:
         """Evaluate the held-out prompts on weights `version` (spread over the samplers)."""
         self._commands.put(("eval", version))
 
-    def poll_eval(self, timeout_s: float = 0.0) -> tuple[int, dict[str, float] | None] | None:
-        """A finished evaluation (version, {data_source: accuracy}), or (version, None) for an abandoned one."""
+    def poll_eval(self, timeout_s: float = 0.0) -> EvalOutcome | None:
+        """A finished evaluation (its accuracy None for an abandoned one), or None if none finished yet."""
         self._check()
         try:
             return self._evals.get(timeout=timeout_s) if timeout_s > 0 else self._evals.get_nowait()
@@ -338,7 +338,7 @@ class Dispatcher:
         for epoch, pid in lost:
             self.ledger.write("reissued", pid, epoch, sampler=sampler_id, reason="sampler lost")
         for version in self.evals.sampler_lost(sampler_id):
-            self._evals.put((version, None))
+            self._evals.put(EvalOutcome(version, None))
         what = (info.describe(), reason, len(lost), self.waiting_for, self.members.live_ids())
         log.error("%s lost: %s; %d in-flight prompts re-issued; the learner was waiting for %s; live: %s", *what)
 

@@ -11,11 +11,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from speed_async.data.prepare import Prompt
 from speed_async.protocol import EvalAssignment, EvalResult, WorkItem
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """A finished evaluation of `version`: accuracy per data source (None: abandoned) and its cost in time."""
+
+    version: int
+    accuracy: dict[str, float] | None
+    seconds: float = 0.0
+    """The slowest sampler's seconds of generating and scoring its share (the time it took from training)."""
 
 
 class EvalBook:
@@ -27,6 +38,7 @@ class EvalBook:
         self._expected: dict[int, int] = {}
         self._tally: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self._outstanding: dict[int, dict[int, set[int]]] = {}  # version -> sampler -> prompt ids not yet in
+        self._seconds: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))  # version -> sampler
 
     def assignments(self, version: int, samplers: Sequence[int]) -> list[tuple[int, EvalAssignment]]:
         """(sampler id, its share) of an evaluation of `version` over `samplers`."""
@@ -54,19 +66,21 @@ class EvalBook:
                 out.append((sampler_id, EvalAssignment(items=items, version=version)))
         return out
 
-    def on_result(self, msg: EvalResult) -> tuple[int, dict[str, float]] | None:
-        """Record one prompt's scores; (version, {data source: accuracy}) when that evaluation is complete."""
+    def on_result(self, msg: EvalResult) -> EvalOutcome | None:
+        """Record one prompt's scores; the outcome once that evaluation is complete."""
         outstanding = self._outstanding.get(msg.version)
         if outstanding is None or msg.prompt_id not in outstanding.get(msg.sampler_id, set()):
             return None  # an abandoned evaluation, or a duplicate
         outstanding[msg.sampler_id].discard(msg.prompt_id)
         tally = self._tally[msg.version]
         tally[msg.data_source].append(float(np.mean(msg.scores)))
+        self._seconds[msg.version][msg.sampler_id] += msg.seconds
         if sum(len(v) for v in tally.values()) < self._expected[msg.version]:
             return None
         accs = {source: float(np.mean(v)) for source, v in tally.items()}
+        seconds = max(self._seconds[msg.version].values())
         self._forget(msg.version)
-        return msg.version, accs
+        return EvalOutcome(msg.version, accs, seconds)
 
     def sampler_lost(self, sampler_id: int) -> list[int]:
         """Abandon the evaluations `sampler_id` still owed results to; returns their versions."""
@@ -79,3 +93,4 @@ class EvalBook:
         self._expected.pop(version, None)
         self._outstanding.pop(version, None)
         self._tally.pop(version, None)
+        self._seconds.pop(version, None)

@@ -206,11 +206,13 @@ def run_learner(
 
 
 def _agree_over_budget(head: _Head | None, config: Config, device: torch.device) -> bool:
-    """Whether rank 0's wall clock is past trainer.time_budget_s, agreed by every rank (one broadcast)."""
+    """Whether rank 0's run time less evaluation time is past trainer.time_budget_s, agreed by every rank (one
+    broadcast)."""
     budget = config.trainer.time_budget_s
     if not budget:
         return False
-    flag = torch.tensor([head is not None and time.time() - head.t_start >= budget], dtype=torch.int32, device=device)
+    spent = time.time() - head.t_start - head.eval_seconds if head is not None else 0.0
+    flag = torch.tensor([head is not None and spent >= budget], dtype=torch.int32, device=device)
     dist.broadcast(flag, src=0)
     return bool(flag.item())
 
@@ -268,6 +270,7 @@ class _Head:
         key = load_shared_key(config.cluster.shared_key_file or None)
         self.publisher = WeightPublisher(config, device=resolve_device(config.cluster.device))
         self.evaluated: set[int] = set()
+        self.eval_seconds = 0.0  # the samplers' time on evaluations so far (from metrics.jsonl on resume)
         if restored is not None:
             self._roll_back(restored)
         self.ledger = Ledger(run_dir, resume=restored is not None)
@@ -326,6 +329,7 @@ class _Head:
             log.info("%s: %d lines after the checkpoint marked rolled back, %d torn lines dropped", name, marked, torn)
         records = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
         self.evaluated = {int(r["step"]) for r in effective(records) if any(k.startswith("eval/") for k in r)}
+        self.eval_seconds = sum(float(r.get("eval/seconds", 0.0)) for r in effective(records))
 
     def snapshot(self, version: int) -> HeadState:
         """The head's part of checkpoint `version`, taken right after the metrics record of step version - 1."""
@@ -369,7 +373,7 @@ class _Head:
     def _collect_evals(self, timeout_s: float = 0.0) -> None:
         result = self.dispatcher.poll_eval(timeout_s)
         while result is not None:
-            version, accs = result
+            version, accs = result.version, result.accuracy
             self.pending_evals.discard(version)
             if accs is None:
                 log.warning("evaluation of version %d abandoned: a sampler holding part of it was lost", version)
@@ -377,8 +381,10 @@ class _Head:
                 continue
             record = {"step": version, "policy_version": version, "time/wall": time.time() - self.t_start}
             record.update({f"eval/{source}/acc": acc for source, acc in accs.items()})
+            record["eval/seconds"] = result.seconds
+            self.eval_seconds += result.seconds
             self.metrics.log(record)
-            log.info("eval at version %d: %s", version, accs)
+            log.info("eval at version %d: %s (%.1f s of sampling)", version, accs, result.seconds)
             result = self.dispatcher.poll_eval(0.0)
 
     def log_step(self, record: dict[str, float]) -> None:

@@ -268,6 +268,8 @@ class EvalResult(Message, tag="eval_result"):
     version: NonNegInt
     scores: GroupRewards
     response_lengths: Lengths
+    seconds: Seconds
+    """This prompt's share of the sampler's time on the evaluation (its generate-and-score call / prompts in it)."""
 
     def _check_consistency(self) -> None:
         if len(self.response_lengths) != len(self.scores):

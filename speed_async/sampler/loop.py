@@ -159,6 +159,7 @@ class SamplerLoop:
             "calls": 0,
             "generation_s": 0.0,
             "scoring_s": 0.0,
+            "eval_s": 0.0,  # of generation_s + scoring_s, the held-out evaluations'
             "weight_sync_s": 0.0,
             "idle_s": 0.0,
             "wall_s": 0.0,
@@ -429,10 +430,20 @@ class SamplerLoop:
             if self.t_first_work is not None:
                 self.stats["idle_s"] += time.perf_counter() - start
             return self.stopping is None
-        responses = self._generate([*train_batch, *eval_batch])
-        for (work, _), resp in zip(train_batch, responses[: len(train_batch)], strict=True):
-            self._emit_outcome(self.assembler.complete(work, resp))
-        for (work, _), resp in zip(eval_batch, responses[len(train_batch) :], strict=True):
+        if eval_batch:  # a call of its own, so the time evaluation takes from training is measured
+            self._evaluate(eval_batch)
+        if train_batch:
+            responses = self._generate(train_batch)
+            for (work, _), resp in zip(train_batch, responses, strict=True):
+                self._emit_outcome(self.assembler.complete(work, resp))
+        return True
+
+    def _evaluate(self, batch: Sequence[tuple[PromptWork, int]]) -> None:
+        start = time.perf_counter()
+        responses = self._generate(batch)
+        share = (time.perf_counter() - start) / len(batch)
+        self.stats["eval_s"] += share * len(batch)
+        for (work, _), resp in zip(batch, responses, strict=True):
             self._emit(
                 EvalResult(
                     sampler_id=self.sampler_id,
@@ -441,9 +452,9 @@ class SamplerLoop:
                     version=resp[0].version_min,
                     scores=np.array([r.score for r in resp], dtype=np.float32),
                     response_lengths=np.array([len(r.token_ids) for r in resp], dtype=np.int32),
+                    seconds=share,
                 )
             )
-        return True
 
     def run(self) -> str:
         """Say hello, then loop until the dispatcher says stop; returns the reason."""

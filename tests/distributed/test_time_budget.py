@@ -28,10 +28,13 @@ def one_rank_group():
 
 def test_the_budget_stops_after_the_step_that_passes_it(one_rank_group: None) -> None:
     cpu = torch.device("cpu")
-    head = SimpleNamespace(t_start=time.time() - 10.0)  # rank 0's clock started 10 s ago
+    head = SimpleNamespace(t_start=time.time() - 10.0, eval_seconds=0.0)  # rank 0's clock started 10 s ago
     assert _agree_over_budget(head, load_config(None, ["trainer.time_budget_s=5"]), cpu)  # type: ignore[arg-type]
     assert not _agree_over_budget(head, load_config(None, ["trainer.time_budget_s=60"]), cpu)  # type: ignore[arg-type]
     assert not _agree_over_budget(head, load_config(None, []), cpu)  # type: ignore[arg-type]  # 0: no budget
+    head.eval_seconds = 6.0  # of those 10 s, the samplers evaluated for 6: 4 s of run time
+    assert not _agree_over_budget(head, load_config(None, ["trainer.time_budget_s=5"]), cpu)  # type: ignore[arg-type]
+    assert _agree_over_budget(head, load_config(None, ["trainer.time_budget_s=3"]), cpu)  # type: ignore[arg-type]
 
 
 def test_a_negative_budget_is_rejected() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from speed_async.config import load_config
 from speed_async.data.prepare import Prompt
-from speed_async.learner.evaluation import EvalBook
+from speed_async.learner.evaluation import EvalBook, EvalOutcome
 from speed_async.learner.membership import EventLog, Membership
 from speed_async.protocol import EvalResult, Heartbeat
 from speed_async.sampler.heartbeat import HeartbeatThread
@@ -66,23 +66,40 @@ def test_an_evaluation_whose_sampler_is_lost_is_abandoned_not_reported_partially
     shares = dict(book.assignments(7, [0, 1]))
     assert sorted(i.prompt_id for i in shares[0].items) == [0, 2] and shares[0].version == 7
 
-    def result(sampler: int, prompt: int) -> EvalResult:
+    def result(sampler: int, prompt: int, version: int = 7, seconds: float = 0.5) -> EvalResult:
         return EvalResult(
             sampler_id=sampler,
             prompt_id=prompt,
             data_source="src",
-            version=7,
+            version=version,
             scores=np.array([1, 0], np.float32),
             response_lengths=np.array([3, 4], np.int32),
+            seconds=seconds,
         )
 
     assert book.on_result(result(0, 0)) is None
     assert book.sampler_lost(1) == [7]
     assert book.on_result(result(0, 2)) is None, "an abandoned evaluation never completes"
     book.assignments(8, [0])
-    done = [book.on_result(EvalResult(**{**result(0, i).__dict__, "version": 8})) for i in range(4)]
-    assert done == [None, None, None, (8, {"src": 0.5})]
-    assert book.on_result(EvalResult(**{**result(0, 0).__dict__, "version": 8})) is None, "late duplicates are ignored"
+    done = [book.on_result(result(0, i, version=8)) for i in range(4)]
+    assert done == [None, None, None, EvalOutcome(8, {"src": 0.5}, seconds=2.0)]
+    assert book.on_result(result(0, 0, version=8)) is None, "late duplicates are ignored"
+
+
+def test_an_evaluation_costs_the_time_of_its_slowest_sampler() -> None:
+    prompts = [Prompt("src", np.arange(1, 3, dtype=np.int32), "1") for _ in range(4)]
+    book = EvalBook(prompts, samples_per_prompt=2)
+    book.assignments(3, [0, 1])  # prompts 0, 2 to sampler 0; 1, 3 to sampler 1; they evaluate in parallel
+    outcomes = [
+        book.on_result(
+            EvalResult(
+                sampler_id=i % 2, prompt_id=i, data_source="src", version=3, scores=np.array([1, 0], np.float32),
+                response_lengths=np.array([3, 4], np.int32), seconds=1.5 if i % 2 else 0.25,
+            )
+        )
+        for i in range(4)
+    ]  # fmt: skip
+    assert outcomes[-1] == EvalOutcome(3, {"src": 0.5}, seconds=3.0)
 
 
 def test_heartbeats_keep_coming_while_the_main_thread_is_busy() -> None:

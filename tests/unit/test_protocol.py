@@ -101,7 +101,13 @@ def examples() -> dict[str, Message]:
         Rejoin(reason="declared lost after 120 s of silence"),
         EvalAssignment(items=[work_item(30, num_continue=0)], version=6),
         EvalResult(
-            sampler_id=3, prompt_id=30, data_source="math500", version=6, scores=f32(1, 0), response_lengths=i32(9, 12)
+            sampler_id=3,
+            prompt_id=30,
+            data_source="math500",
+            version=6,
+            scores=f32(1, 0),
+            response_lengths=i32(9, 12),
+            seconds=0.25,
         ),
     ]
     return {m.TAG: m for m in msgs}

@@ -1,0 +1,48 @@
+"""The benchmarks' accuracy curves count training time: evaluation time is left out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.runs import eval_curve
+
+
+def write_metrics(run_dir: Path, records: list[dict[str, float]]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_curve_time_is_training_time_without_earlier_evaluations(tmp_path: Path) -> None:
+    # Start-up 40 s; step 1 starts at 50 s after a 10 s step-0 evaluation; steps take 5 s of training each,
+    # and the evaluation of version 2 stalls step 3 by 8 s.
+    write_metrics(
+        tmp_path,
+        [
+            {"step": 0, "time/wall": 50.0, "eval/a/acc": 0.5, "eval/seconds": 10.0},
+            {"step": 1, "time/wall": 55.0, "time/step": 15.0},  # includes the step-0 evaluation (10 s)
+            {"step": 2, "time/wall": 60.0, "time/step": 5.0},
+            {"step": 2, "time/wall": 69.0, "eval/a/acc": 0.6, "eval/seconds": 8.0},
+            {"step": 3, "time/wall": 73.0, "time/step": 13.0},
+            {"step": 4, "time/wall": 78.0, "time/step": 5.0},
+            {"step": 4, "time/wall": 80.0, "eval/a/acc": 0.7, "eval/seconds": 8.0, "rolled_back": True},
+            {"step": 4, "time/wall": 88.0, "eval/a/acc": 0.65, "eval/seconds": 8.0},
+        ],
+    )
+    curve = eval_curve(tmp_path)
+    assert curve.steps == (0, 2, 4)
+    assert curve.acc == (0.5, 0.6, 0.65)
+    assert curve.wall_s == (0.0, 10.0, 20.0), "four 5 s steps, the evaluations' 18 s left out"
+    assert curve.time_to(0.6) == 10.0 and curve.time_to(0.66) is None and curve.steps_to(0.65) == 4
+
+
+def test_runs_without_evaluation_seconds_count_wall_time(tmp_path: Path) -> None:
+    write_metrics(
+        tmp_path,
+        [
+            {"step": 0, "time/wall": 45.0, "eval/a/acc": 0.5},
+            {"step": 1, "time/wall": 50.0, "time/step": 5.0},
+            {"step": 1, "time/wall": 52.0, "eval/a/acc": 0.55},
+        ],
+    )
+    assert eval_curve(tmp_path).wall_s == (0.0, 5.0)
