@@ -92,7 +92,7 @@ def eval_curve(run_dir: Path, source: str | None = None) -> Curve:
     meanwhile, so up to one train step per evaluation is subtracted too much. Version 0 sits at 0.
     """
     records = read_records(run_dir)
-    steps = {int(r["step"]): r for r in records if "time/step" in r}
+    steps = {int(r["policy_version"]): r for r in records if "time/step" in r}  # by the version they produced
     origin = steps[min(steps)]["time/wall"] - steps[min(steps)]["time/step"] if steps else 0.0
     evals = [r for r in records if any(k.startswith("eval/") and k.endswith("/acc") for k in r)]
     if not evals:

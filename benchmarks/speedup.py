@@ -159,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="rloo-k0 vs speed-rloo-k0, 1 seed, 45 s budget")
     parser.add_argument("--arms", default="all", help="comma-separated arm names, or all")
+    parser.add_argument("--analyze", type=Path, help="no runs: read <arm>-s<seed>/ of a --keep-runs directory")
     add_arm_args(parser, seeds="0,1,2", reference="base best")
     args = parser.parse_args()
     if args.quick:
@@ -175,11 +176,15 @@ def main() -> None:
         raise SystemExit(f"--arms {unknown} unknown; allowed: {list(all_arms)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
-    model = args.model or default_model()
+    model = args.model or (default_model() if not args.analyze else "")
     common = [*budget_overrides(args.budget_s, args.eval_every, args.eval_prompts, args.eval_n), *args.set]
-    base = Path(tempfile.mkdtemp(prefix="bench-speedup-"))
     started = time.time()
-    dirs = run_arms([all_arms[n] for n in names], seeds, args.config, model, base, common)
+    if args.analyze:  # the kept run directories of an earlier invocation: tables and plot only
+        base, args.keep_runs = args.analyze, True
+        dirs = {(n, s): base / f"{n}-s{s}" for n in names for s in seeds}
+    else:
+        base = Path(tempfile.mkdtemp(prefix="bench-speedup-"))
+        dirs = run_arms([all_arms[n] for n in names], seeds, args.config, model, base, common)
     curves = {name: [eval_curve(dirs[(name, s)]) for s in seeds] for name in names}
     if args.plot:
         plot_curves(curves, args.plot, f"{args.config}: held-out accuracy, {len(seeds)} seed(s)")

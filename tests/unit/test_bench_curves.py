@@ -20,11 +20,11 @@ def test_curve_time_is_training_time_without_earlier_evaluations(tmp_path: Path)
         tmp_path,
         [
             {"step": 0, "time/wall": 50.0, "eval/a/acc": 0.5, "eval/seconds": 10.0},
-            {"step": 1, "time/wall": 55.0, "time/step": 15.0},  # includes the step-0 evaluation (10 s)
-            {"step": 2, "time/wall": 60.0, "time/step": 5.0},
+            {"step": 0, "policy_version": 1, "time/wall": 55.0, "time/step": 15.0},  # with the step-0 evaluation
+            {"step": 1, "policy_version": 2, "time/wall": 60.0, "time/step": 5.0},
             {"step": 2, "time/wall": 69.0, "eval/a/acc": 0.6, "eval/seconds": 8.0},
-            {"step": 3, "time/wall": 73.0, "time/step": 13.0},
-            {"step": 4, "time/wall": 78.0, "time/step": 5.0},
+            {"step": 2, "policy_version": 3, "time/wall": 73.0, "time/step": 13.0},
+            {"step": 3, "policy_version": 4, "time/wall": 78.0, "time/step": 5.0},
             {"step": 4, "time/wall": 80.0, "eval/a/acc": 0.7, "eval/seconds": 8.0, "rolled_back": True},
             {"step": 4, "time/wall": 88.0, "eval/a/acc": 0.65, "eval/seconds": 8.0},
         ],
@@ -41,7 +41,7 @@ def test_runs_without_evaluation_seconds_count_wall_time(tmp_path: Path) -> None
         tmp_path,
         [
             {"step": 0, "time/wall": 45.0, "eval/a/acc": 0.5},
-            {"step": 1, "time/wall": 50.0, "time/step": 5.0},
+            {"step": 0, "policy_version": 1, "time/wall": 50.0, "time/step": 5.0},
             {"step": 1, "time/wall": 52.0, "eval/a/acc": 0.55},
         ],
     )
