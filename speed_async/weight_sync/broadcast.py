@@ -173,6 +173,9 @@ class Incoming:
     ahead: int | None = 1
     """Buckets posted beyond the one the consumer is taking; None posts every bucket at once (the transfer
     then runs at the wire's speed while the consumer reloads, at the cost of holding the whole broadcast)."""
+    receive_first: bool = False
+    """With `ahead=None`: every bucket is in before the consumer gets the first tensor, so the consumer's work
+    (an engine's reload) does not compete with the transfer for the receiver's cores (CPU)."""
     received_buckets: int = field(default=0)
     _used: list[torch.Tensor] = field(default_factory=list)
 
@@ -202,6 +205,9 @@ class Incoming:
         n = len(self.buckets)
         depth = n if self.ahead is None else 1 + max(0, self.ahead)
         started: deque[tuple[torch.Tensor, Pending]] = deque(self._start(i) for i in range(min(depth, n)))
+        if self.receive_first and self.ahead is None:
+            for _, pending in started:
+                pending.wait()
         for i, bucket in enumerate(self.buckets):
             flat, pending = started.popleft()
             pending.wait()
@@ -225,12 +231,14 @@ def receive(
     device: torch.device | str | None = None,
     pool: BufferPool | None = None,
     ahead: int | None = 1,
+    receive_first: bool = False,
 ) -> Incoming:
     """Receive the metadata of the next broadcast on `group` (rank > 0); tensors land on `device`; receive
-    buffers come from `pool` when given (return them with `Incoming.release()`); `ahead`: see `Incoming`."""
+    buffers come from `pool` when given (return them with `Incoming.release()`); `ahead` and `receive_first`:
+    see `Incoming`."""
     if group.rank == 0:
         raise ValueError("receive() is for ranks > 0 of the sync group; rank 0 sends")
     version, bucket_bytes, metas = decode_metadata(_receive_metadata(group))
     target = torch.device(device) if device is not None else group.device
     buckets = plan_buckets(metas, bucket_bytes)
-    return Incoming(group=group, version=version, buckets=buckets, device=target, pool=pool, ahead=ahead)
+    return Incoming(group, version, buckets, target, pool=pool, ahead=ahead, receive_first=receive_first)

@@ -10,6 +10,7 @@ Nothing here imports vLLM. The caller resets the prefix cache after a reload.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -60,10 +61,15 @@ class WeightSyncWorkerExtension:
             # On CPU, receive buffers are kept between versions (one extra copy of the weights in host memory):
             # fresh ones cost a page fault per page. CUDA's caching allocator already reuses device memory.
             self._receive_pool = BufferPool()
-        # On CPU every bucket is posted at once (into the pooled buffers): the learner's send finishes at the
-        # wire's speed while this engine reloads; on CUDA one bucket ahead bounds the extra device memory.
+        # On CPU every bucket is posted at once (into the pooled buffers) and received before the reload starts:
+        # receiving and reloading are both copies by this engine's cores, so overlapping them only slows the
+        # learner's send (SPEED_ASYNC_RELOAD_WHILE_RECEIVING=1 overlaps them, for comparison). On CUDA the copies
+        # run on the device and one bucket ahead bounds the extra device memory.
         on_cpu = self._receive_pool is not None
-        incoming = receive(group, self.device, pool=self._receive_pool, ahead=None if on_cpu else 1)
+        overlap = os.environ.get("SPEED_ASYNC_RELOAD_WHILE_RECEIVING") == "1"
+        incoming = receive(
+            group, self.device, pool=self._receive_pool, ahead=None if on_cpu else 1, receive_first=not overlap
+        )
         if incoming.version != version:
             raise RuntimeError(f"weight broadcast carries version {incoming.version}, expected version {version}")
         self.reload_weights(weights_iterator=incoming.tensors(), is_checkpoint_format=True)

@@ -88,9 +88,13 @@ def _weights(seed: int) -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-@pytest.mark.parametrize("ahead", [1, None], ids=["one-bucket-ahead", "all-buckets-posted"])
+@pytest.mark.parametrize(
+    ("ahead", "receive_first"),
+    [(1, False), (None, False), (None, True)],
+    ids=["one-bucket-ahead", "all-buckets-posted", "all-received-first"],
+)
 @pytest.mark.parametrize("bucket_bytes", [64, 1 << 30], ids=["smaller-than-a-tensor", "larger-than-the-model"])
-def test_broadcast_delivers_every_tensor_exactly(bucket_bytes: int, ahead: int | None) -> None:
+def test_broadcast_delivers_every_tensor_exactly(bucket_bytes: int, ahead: int | None, receive_first: bool) -> None:
     port, versions = _free_port(), {3: _weights(0), 4: _weights(1)}
     received: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -98,7 +102,7 @@ def test_broadcast_delivers_every_tensor_exactly(bucket_bytes: int, ahead: int |
         group = SyncGroup.connect("127.0.0.1", port, rank=1, world_size=2, device="cpu", timeout_s=20)
         pool = BufferPool()
         for _ in versions:  # the second version lands in the buffers the first one used
-            incoming = receive(group, pool=pool, ahead=ahead)
+            incoming = receive(group, pool=pool, ahead=ahead, receive_first=receive_first)
             received[incoming.version] = {name: t.clone() for name, t in incoming.tensors()}
             incoming.release()
         group.close()
