@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
@@ -307,11 +307,13 @@ def ensure_tiny_model(
     *,
     steps: int | None = None,
     recipe: TinyRecipe | None = None,
+    lock_timeout_s: float = 1800.0,
 ) -> Path:
     """The cached model directory ``<cache>/tiny-<recipe digest>``, built first if it is missing.
 
     `cache_dir` defaults to `default_cache_dir()`. Safe against crashes (temporary directory renamed into
-    place) and against concurrent callers (an fcntl lock per recipe).
+    place) and against concurrent callers (an fcntl lock per recipe: a caller waits up to `lock_timeout_s`
+    for another one's build, then raises TimeoutError naming the lock file).
     """
     recipe = _resolve_recipe(seed, steps, recipe)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -319,8 +321,9 @@ def ensure_tiny_model(
     if (final / "build_info.json").is_file():
         return final
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"tiny-{recipe.digest()}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = cache / f"tiny-{recipe.digest()}.lock"
+    with open(lock_path, "w") as lock:
+        _lock(lock, lock_path, lock_timeout_s)
         if (final / "build_info.json").is_file():
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tiny-{recipe.digest()}-", dir=cache))
@@ -330,3 +333,19 @@ def ensure_tiny_model(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _lock(lock: IO[str], path: Path, timeout_s: float) -> None:
+    """Take the exclusive fcntl lock on `lock`, polling; TimeoutError naming `path` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"another process has held {path} for over {timeout_s:.0f} s: it builds the tiny model there "
+                    "(or hangs doing so; the lock goes when that process ends)"
+                ) from None
+            time.sleep(0.5)

@@ -164,3 +164,14 @@ def test_default_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: 
     assert warmstart.default_cache_dir() == tmp_path
     monkeypatch.delenv("SPEED_ASYNC_CACHE")
     assert warmstart.default_cache_dir() == Path.home() / ".cache" / "speed_async"
+
+
+def test_waiting_for_another_builder_times_out_naming_the_lock(tmp_path: Path) -> None:
+    import fcntl
+
+    lock_path = tmp_path / f"tiny-{SMALL.digest()}.lock"
+    with open(lock_path, "w") as held:  # another builder holds the lock (its own open file description)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(TimeoutError, match=rf"{lock_path.name} for over 0 s: it builds the tiny model"):
+            ensure_tiny_model(tmp_path, recipe=SMALL, lock_timeout_s=0.2)
+    assert not (tmp_path / f"tiny-{SMALL.digest()}").exists(), "nothing built while waiting"
