@@ -84,12 +84,13 @@ class Curve:
 def eval_curve(run_dir: Path, source: str | None = None) -> Curve:
     """The accuracy curve of `source` (default: the first eval source found) from a finished run.
 
-    The time of the evaluation of version v is training time: the wall seconds from the start of the first RL
-    step (engine start-up, the same for every arm, left out) to the end of the step that produced v, less the
-    samplers' time on the evaluations of earlier versions (`eval/seconds`: generating and scoring the held-out
-    prompts, time the run would otherwise have trained). The paper counts training time alike. At k = 0 an
-    evaluation stalls the whole pipeline, so this is exact; at k >= 1 the learner may train on buffered groups
-    meanwhile, so up to one train step per evaluation is subtracted too much. Version 0 sits at 0.
+    Time is training time: the wall seconds from the start of the first RL step (engine start-up, the same for
+    every arm, left out) to the end of the step that produced version v, less the time the samplers spent on
+    evaluations within that span. An evaluation occupied the samplers for its `eval/seconds` up to the moment
+    its record was written (the learner writes it after the step during which the last result came in). At
+    k = 0 an evaluation stalls the whole pipeline, so this is exact; at k >= 1 the learner may train on
+    buffered groups meanwhile, so part of an evaluation's time that did not delay training is left out too.
+    Like wall time, training time never decreases from one evaluation to the next. Version 0 sits at 0.
     """
     records = read_records(run_dir)
     steps = {int(r["policy_version"]): r for r in records if "time/step" in r}  # by the version they produced
@@ -99,16 +100,28 @@ def eval_curve(run_dir: Path, source: str | None = None) -> Curve:
         raise ValueError(f"{run_dir}/metrics.jsonl has no evaluation records (eval/<source>/acc)")
     if source is None:
         source = next(k for k in evals[0] if k.startswith("eval/") and k.endswith("/acc")).split("/")[1]
+    busy = _union([(float(r["time/wall"]) - float(r.get("eval/seconds", 0.0)), float(r["time/wall"])) for r in evals])
     key = f"eval/{source}/acc"
     evals = sorted((r for r in evals if key in r), key=lambda r: r["step"])
-    wall, spent = [], 0.0
+    wall = []
     for r in evals:
         version = int(r["step"])
-        produced = steps[version]["time/wall"] - origin if version in steps else float(r["time/wall"]) - origin
-        wall.append(max(0.0, produced - spent) if version else 0.0)
-        spent += float(r.get("eval/seconds", 0.0))
+        end = float(steps[version]["time/wall"]) if version in steps else float(r["time/wall"])
+        spent = sum(max(0.0, min(b, end) - max(a, origin)) for a, b in busy)
+        wall.append(max(0.0, end - origin - spent) if version else 0.0)
     steps_done = tuple(int(r["step"]) for r in evals)
     return Curve(wall_s=tuple(wall), steps=steps_done, acc=tuple(float(r[key]) for r in evals))
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint, sorted intervals covering the same points as `intervals`."""
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
 
 
 def step_records(run_dir: Path) -> list[dict[str, Any]]:

@@ -199,7 +199,8 @@ def main() -> None:
     text += "\n" + _table(headers2, rows)
     result: dict[str, Any] = {"benchmark": "speedup", **summary}
     result["curves"] = {n: [dict(wall_s=c.wall_s, steps=c.steps, acc=c.acc) for c in cs] for n, cs in curves.items()}
-    result.update({"args": {**vars(args), "out": str(args.out), "plot": str(args.plot)}, "machine": machine()})
+    paths = {name: str(getattr(args, name)) for name in ("out", "plot", "analyze")}
+    result.update({"args": {**vars(args), **paths}, "machine": machine()})
     result["elapsed_s"] = time.time() - started
     if not args.keep_runs:
         shutil.rmtree(base, ignore_errors=True)

@@ -46,3 +46,21 @@ def test_runs_without_evaluation_seconds_count_wall_time(tmp_path: Path) -> None
         ],
     )
     assert eval_curve(tmp_path).wall_s == (0.0, 5.0)
+
+
+def test_an_evaluation_overlapping_training_never_makes_time_run_backwards(tmp_path: Path) -> None:
+    # k = 1: the evaluation of version 2 runs from 58 s to 66 s while the learner trains on buffered groups
+    # (version 3 appears at 65 s); the final evaluation, of version 3, runs from 66 s to 70 s.
+    write_metrics(
+        tmp_path,
+        [
+            {"step": 0, "time/wall": 50.0, "eval/a/acc": 0.5, "eval/seconds": 0.0},
+            {"step": 0, "policy_version": 1, "time/wall": 55.0, "time/step": 5.0},
+            {"step": 1, "policy_version": 2, "time/wall": 60.0, "time/step": 5.0},
+            {"step": 2, "policy_version": 3, "time/wall": 65.0, "time/step": 5.0},
+            {"step": 2, "time/wall": 66.0, "eval/a/acc": 0.6, "eval/seconds": 8.0},
+            {"step": 3, "time/wall": 70.0, "eval/a/acc": 0.7, "eval/seconds": 4.0},
+        ],
+    )
+    # Version 2: 10 s of run, 2 of them (58-60 s) evaluating; version 3: 15 s, 7 of them (58-65 s) evaluating.
+    assert eval_curve(tmp_path).wall_s == (0.0, 8.0, 8.0)
