@@ -10,10 +10,11 @@ budget (`trainer.time_budget_s`) and is evaluated every `--eval-every` RL steps.
 
 Targets, as the paper chose them from what the baseline reaches: for each pair, acc0 + f * (best - acc0) for
 f in --fractions, where acc0 is the median step-0 accuracy and best the median over seeds of the synchronous
-base's best accuracy. Time to target = wall seconds from the start of the first RL step (engine start-up, the
-same for every arm, left out; evaluation included) to the run's first evaluation at or above it. Speedup =
-base time / SPEED time, paired by seed, for every target both reached; `speedup_speed_over_base` is the
-median over pairs, seeds and targets (k = 0 for both);
+base's best accuracy. Time to target = training seconds (`runs.eval_curve`: from the start of the first RL
+step, engine start-up and evaluation time left out) to the run's first evaluation at or above it. Speedup =
+base time / SPEED time, paired by seed, for every target both reached after their start (a step-0 evaluation
+that already meets a target is noise, not speed); `speedup_speed_over_base` is the median over pairs, seeds
+and targets (k = 0 for both);
 `speedup_speed_async_over_sync_rloo` compares SPEED-RLOO at k = 1 with RLOO at k = 0.
 
     python benchmarks/speedup.py [--quick] [--seeds 0,1,2] [--budget-s 150] [--out results.md] [--plot fig.png]
@@ -78,6 +79,12 @@ def targets_for(base: list[Curve], all_runs: list[Curve], fractions: list[float]
     return [acc0 + f * (best - acc0) for f in fractions if best > acc0]
 
 
+def _ratios(base: list[float | None], other: list[float | None]) -> list[float]:
+    """base / other time to a target, paired by seed, where both runs got there after their start: a run
+    whose step-0 evaluation already meets the target (time 0, evaluation noise) says nothing about speed."""
+    return [b / o for b, o in zip(base, other, strict=True) if b and o]
+
+
 def compare(
     curves: dict[str, list[Curve]], seeds: list[int], fractions: list[float]
 ) -> tuple[list[list[Any]], dict[str, Any]]:
@@ -97,11 +104,11 @@ def compare(
             t_base = [c.time_to(target) for c in curves[b0]]
             t_speed = [c.time_to(target) for c in curves[s0]]
             t_async = [c.time_to(target) for c in curves.get(s1, [])]
-            ratios = [b / s for b, s in zip(t_base, t_speed, strict=True) if b is not None and s is not None]
+            ratios = _ratios(t_base, t_speed)
             speedups += ratios
             a_ratios = []
             if base == "rloo" and t_async:
-                a_ratios = [b / s for b, s in zip(t_base, t_async, strict=True) if b is not None and s is not None]
+                a_ratios = _ratios(t_base, t_async)
                 async_speedups += a_ratios
             row = {
                 "target": target,
