@@ -38,10 +38,11 @@ run: $(STAMP)
 
 # Two pytest workers, one test file each at a time (tests/conftest.py hands out the longest files first): the
 # end-to-end tests spend much of their time starting processes, so two of them share the 2 cores well.
+# --no-loadscope-reorder keeps that order (xdist would sort files by their number of tests).
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

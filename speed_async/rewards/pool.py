@@ -3,7 +3,8 @@
 ```
   parent (score_batch)                                 worker i (spawned; main thread scores)
   ------------------------------------------------     ----------------------------------------
-  start: spawn, wait for ("ready",)  <= startup_timeout_s  <- resolve score_fn, send ("ready",)
+  start: spawn, wait for ("ready",)  <= startup_timeout_s  <- resolve score_fn, score one warm-up item,
+                                                               send ("ready",)
   loop:  send (response, ground_truth) to an idle worker    -> score_fn(...) in the main thread
          wait(connections, until the earliest deadline)     <- ("ok", score) | ("error", message)
          no answer within timeout_s: SIGKILL, spawn a replacement, item scores 0.0
@@ -62,6 +63,9 @@ def _worker_main(conn: Connection, score_fn_path: str, parent_pid: int) -> None:
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     try:
         score_fn = _resolve_score_fn(score_fn_path)
+        # Warm up: Math-Verify builds its parsers on the first call, which can take seconds on a loaded machine
+        # and then runs into its own time limit (scoring a correct answer 0.0). Inside startup_timeout_s.
+        score_fn("\\boxed{1}", "1")
     except Exception as exc:
         conn.send(("startup_error", f"{type(exc).__name__}: {exc}"))
         return

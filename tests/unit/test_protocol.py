@@ -169,11 +169,14 @@ def test_decoded_arrays_are_numpy_views_with_wire_dtypes() -> None:
 def test_exact_frame_layout_of_a_small_message() -> None:
     # body = fixmap(1) 0x81, fixstr(6) 0xa6 "reason", fixstr(1) 0xa1 "x"  -> 1 + 7 + 2 = 10 bytes
     body = b"\x81\xa6reason\xa1x"
-    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", positive fixint 0x01, bin8 0xc4 0x0a + body, nil 0xc0
-    assert encode(Shutdown(reason="x")) == b"\x94\xa8shutdown\x01\xc4\x0a" + body + b"\xc0"
-    # mac = HMAC-SHA256(key, packb("shutdown") || packb(1) || body); bin8 0xc4 0x20 + 32 bytes
-    mac = hmac.new(KEY, b"\xa8shutdown" + b"\x01" + body, hashlib.sha256).digest()
-    assert encode(Shutdown(reason="x"), KEY) == b"\x94\xa8shutdown\x01\xc4\x0a" + body + b"\xc4\x20" + mac
+    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", the version as a positive fixint (2: 0x02),
+    # bin8 0xc4 0x0a + body, nil 0xc0
+    version = bytes([SCHEMA_VERSION])
+    assert version == b"\x02"
+    assert encode(Shutdown(reason="x")) == b"\x94\xa8shutdown" + version + b"\xc4\x0a" + body + b"\xc0"
+    # mac = HMAC-SHA256(key, packb("shutdown") || packb(version) || body); bin8 0xc4 0x20 + 32 bytes
+    mac = hmac.new(KEY, b"\xa8shutdown" + version + body, hashlib.sha256).digest()
+    assert encode(Shutdown(reason="x"), KEY) == b"\x94\xa8shutdown" + version + b"\xc4\x0a" + body + b"\xc4\x20" + mac
 
 
 def test_arrays_travel_as_little_endian_bytes_with_dtype_and_shape() -> None:
@@ -343,12 +346,13 @@ def test_decode_int_fields_accepted_as_floats() -> None:
 
 def test_frame_level_errors() -> None:
     body = wire_fields(examples()["shutdown"])
-    assert reason_of(frame("shutdown", body, version=2)) == "bad_version"
+    assert reason_of(frame("shutdown", body, version=SCHEMA_VERSION + 1)) == "bad_version"
+    assert reason_of(frame("shutdown", body, version=1)) == "bad_version", "version 1 had no EvalResult.seconds"
     assert reason_of(frame("shutdown", body, version=0)) == "bad_version"
     assert reason_of(frame("launch_missiles", body)) == "unknown_type"
-    assert reason_of(msgpack.packb(["shutdown", 1, msgpack.packb(body)])) == "malformed"
+    assert reason_of(msgpack.packb(["shutdown", SCHEMA_VERSION, msgpack.packb(body)])) == "malformed"
     assert reason_of(msgpack.packb(["shutdown", True, msgpack.packb(body), None])) == "malformed"
-    assert reason_of(msgpack.packb(["shutdown", 1, msgpack.packb(body), "mac"])) == "malformed"
+    assert reason_of(msgpack.packb(["shutdown", SCHEMA_VERSION, msgpack.packb(body), "mac"])) == "malformed"
     assert reason_of(msgpack.packb({"shutdown": 1})) == "malformed"
     assert reason_of(frame("shutdown", [1, 2])) == "malformed"
     assert reason_of(b"") == "malformed"
@@ -363,16 +367,16 @@ def test_ext_types_and_invalid_utf8_are_malformed() -> None:
     body = wire_fields(examples()["shutdown"])
     ext = msgpack.ExtType(5, b"abcd")
     assert reason_of(frame("shutdown", {"reason": ext})) == "malformed"
-    assert reason_of(msgpack.packb(["shutdown", 1, msgpack.packb(body), ext])) == "malformed"
+    assert reason_of(msgpack.packb(["shutdown", SCHEMA_VERSION, msgpack.packb(body), ext])) == "malformed"
     # fixext4 with type -1 is a msgpack timestamp: an ext type too
     assert reason_of(frame("shutdown", {"reason": msgpack.Timestamp(1, 0)})) == "malformed"
     raw_body = b"\x81\xa6reason\xa2\xff\xfe"  # str of 2 invalid UTF-8 bytes
-    assert reason_of(msgpack.packb(["shutdown", 1, raw_body, None])) == "malformed"
+    assert reason_of(msgpack.packb(["shutdown", SCHEMA_VERSION, raw_body, None])) == "malformed"
 
 
 def test_huge_declared_lengths_and_depth_bombs_are_malformed() -> None:
     def outer(body: bytes) -> bytes:
-        return msgpack.packb(["shutdown", 1, body, None])
+        return msgpack.packb(["shutdown", SCHEMA_VERSION, body, None])
 
     # array32 / map32 / str32 / bin32 headers declaring 2**32 - 1 elements or bytes, with no data behind
     for header in (b"\xdd", b"\xdf", b"\xdb", b"\xc6"):
@@ -401,7 +405,7 @@ def test_hmac_accepts_the_right_key_and_rejects_the_rest() -> None:
     forged = wire_fields(rollout_group(rewards=f32(1, 1, 1)))
     assert reason_of(msgpack.packb([tag, version, msgpack.packb(forged), mac]), key=KEY) == "bad_mac"
     # The tag and version are covered too.
-    assert reason_of(msgpack.packb([tag, 2, body, mac]), key=KEY) == "bad_mac"
+    assert reason_of(msgpack.packb([tag, version + 1, body, mac]), key=KEY) == "bad_mac"
     assert reason_of(msgpack.packb(["shutdown", version, body, mac]), key=KEY) == "bad_mac"
 
 
@@ -472,7 +476,7 @@ def test_fuzzed_frames_only_ever_raise_protocol_error() -> None:
             data = frame(tag, _mutated_body(rng, tag, fields[tag]))
         elif kind == 5:  # wrong schema version / unknown tag / random tag
             choice = rng.randrange(3)
-            version = rng.choice([0, 2, -1, 2**40]) if choice == 0 else SCHEMA_VERSION
+            version = rng.choice([0, SCHEMA_VERSION + 1, -1, 2**40]) if choice == 0 else SCHEMA_VERSION
             bad_tag = tag if choice == 0 else rng.choice(["", "hello2", "x" * 100, "WorkItem"])
             data = frame(bad_tag, fields[tag], version=version)
         elif kind == 6:  # random bytes spliced into a valid frame

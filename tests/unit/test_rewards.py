@@ -60,6 +60,17 @@ def slow_pool() -> Iterator[RewardPool]:
 # --- score_math -------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def warm_math_verify() -> None:
+    """Math-Verify builds its parsers on the first call, which can take seconds on a loaded machine and then
+    hit its own internal time limit (scoring 0.0); the reward workers warm up the same way before they report
+    ready."""
+    from speed_async.rewards.math_verify_reward import score_math
+
+    score_math("\\boxed{1}", "1")
+
+
+@pytest.mark.usefixtures("warm_math_verify")
 @pytest.mark.parametrize(("response", "ground_truth", "expected"), MATH_CASES)
 def test_score_math(response: str, ground_truth: str, expected: float) -> None:
     from speed_async.rewards.math_verify_reward import score_math

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 import zmq
 
-from speed_async.protocol import Hello, NoWork, ProtocolError, RolloutGroup, Shutdown, WorkRequest, encode
+from speed_async.protocol import (
+    SCHEMA_VERSION,
+    Hello,
+    NoWork,
+    ProtocolError,
+    RolloutGroup,
+    Shutdown,
+    WorkRequest,
+    encode,
+)
 from speed_async.transport import (
     SHARED_KEY_ENV,
     Context,
@@ -125,8 +134,8 @@ def test_garbage_frames_are_counted_and_the_next_valid_message_arrives(
     raw.send(b"garbage")
     raw.send(b"")
     raw.send_multipart([encode(Shutdown(reason="a")), encode(Shutdown(reason="b"))])
-    raw.send(msgpack.packb(["shutdown", 2, msgpack.packb({"reason": "x"}), None]))
-    raw.send(msgpack.packb(["hello", 1, msgpack.packb({"sampler_id": 1}), None]))
+    raw.send(msgpack.packb(["shutdown", SCHEMA_VERSION + 1, msgpack.packb({"reason": "x"}), None]))
+    raw.send(msgpack.packb(["hello", SCHEMA_VERSION, msgpack.packb({"sampler_id": 1}), None]))
     raw.send(encode(Hello(sampler_id=7, pid=1, hostname="h")))
     with caplog.at_level(logging.WARNING, logger="speed_async.transport.sockets"):
         got = pull.recv(timeout_s=2.0)  # one call: it waits past the five bad frames
