@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 
 STEPS = 3
 BATCH = 4
-K = 1
+K = 2  # the only end-to-end run at k = 2 (test_train runs k = 0, test_resume and test_faults k = 1)
 
 
 def _node(node_rank: int, port: int, run_dir: Path, model: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -67,6 +67,7 @@ def test_two_simulated_nodes_train(tmp_path: Path, tiny_model_dir: Path) -> None
     assert all(r["staleness/max"] <= K for r in steps)
     trained = [e for e in read_ledger(run_dir) if e["event"] == "trained"]
     assert Counter(e["step"] for e in trained) == {s: BATCH for s in range(STEPS)}
+    assert all(0 <= e["lag"] <= K for e in trained), "no group beyond the staleness bound is ever trained"
     assert max(Counter((e["epoch"], e["prompt_id"]) for e in trained).values()) == 1
     assert (run_dir / "sampler-0.json").exists(), "the sampler (global rank 1) ran and reported its time budget"
     assert "sampler[0] (rank 1)" in text and "learner[0] (rank 0)" in text, "roles taken from the global rank"

@@ -68,7 +68,7 @@ def _check_run(run_dir: Path, k: int) -> None:
 
 
 def test_synchronous_train_k0_trains_only_on_the_current_version(tmp_path: Path, tiny_model_dir: Path) -> None:
-    # k = 0 here; k = 1 runs in test_resume and test_multinode, k = 2 in the soak (test_faults), each checking
+    # k = 0 here; k = 1 runs in test_resume and the soak (test_faults), k = 2 in test_multinode, each checking
     # the ledger's lags against its bound.
     _train(tmp_path / "run", tiny_model_dir, "pipeline.max_staleness=0")
     _check_run(tmp_path / "run", 0)
