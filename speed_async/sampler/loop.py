@@ -52,7 +52,6 @@ from speed_async.protocol import (
     Message,
     NoWork,
     Rejoin,
-    RolloutGroup,
     ScreenReport,
     Shutdown,
     SyncDone,
@@ -63,6 +62,7 @@ from speed_async.protocol import (
 )
 from speed_async.rewards import RewardPool, overlong_penalty
 from speed_async.sampler.heartbeat import HeartbeatThread
+from speed_async.sampler.wire import rollout_group_message, work_from_item
 from speed_async.transport import Context, DealerSocket, PushSocket, TransportTimeout
 
 log = logging.getLogger("speed_async.sampler")
@@ -197,12 +197,12 @@ class SamplerLoop:
             if self.t_first_work is None:
                 self.t_first_work = time.perf_counter()
             self.request_sent_at = None
-            self.assembler.add(_work_from_item(item) for item in msg.items)
+            self.assembler.add(work_from_item(item) for item in msg.items)
         elif isinstance(msg, NoWork):
             self.request_sent_at = None
             self.retry_at = time.monotonic() + msg.retry_after_s
         elif isinstance(msg, EvalAssignment):
-            self.eval_items.extend(_work_from_item(item) for item in msg.items)
+            self.eval_items.extend(work_from_item(item) for item in msg.items)
             self.eval_version = msg.version
         elif isinstance(msg, JoinSyncGroup):
             self._join(msg)
@@ -474,36 +474,3 @@ class SamplerLoop:
         self.push.close()
         self.ctx.close()
         self.engine.close()
-
-
-def _work_from_item(item: object) -> PromptWork:
-    return PromptWork(
-        prompt_id=item.prompt_id,
-        epoch=item.epoch,
-        data_source=item.data_source,
-        prompt_token_ids=np.asarray(item.prompt_token_ids, dtype=np.int32),
-        ground_truth=item.ground_truth,
-        num_screen=item.num_screen,
-        num_continue=item.num_continue,
-    )
-
-
-def rollout_group_message(sampler_id: int, group: CompletedGroup) -> RolloutGroup:
-    """Pack a complete group into its wire message (responses concatenated, screening responses first)."""
-    rs = group.responses
-    return RolloutGroup(
-        sampler_id=sampler_id,
-        prompt_id=group.work.prompt_id,
-        epoch=group.work.epoch,
-        data_source=group.work.data_source,
-        prompt_token_ids=group.work.prompt_token_ids,
-        response_token_ids=np.concatenate([r.token_ids for r in rs]).astype(np.int32),
-        response_lengths=np.array([len(r.token_ids) for r in rs], dtype=np.int32),
-        response_logprobs=np.concatenate([r.logprobs for r in rs]).astype(np.float32),
-        rewards=np.array([r.reward for r in rs], dtype=np.float32),
-        scores=np.array([r.score for r in rs], dtype=np.float32),
-        finish_reasons=[r.finish_reason for r in rs],
-        version_min=np.array([r.version_min for r in rs], dtype=np.int32),
-        version_max=np.array([r.version_max for r in rs], dtype=np.int32),
-        num_screen=group.num_screen,
-    )
