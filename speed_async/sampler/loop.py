@@ -441,8 +441,9 @@ class SamplerLoop:
     def _evaluate(self, batch: Sequence[tuple[PromptWork, int]]) -> None:
         start = time.perf_counter()
         responses = self._generate(batch)
-        share = (time.perf_counter() - start) / len(batch)
-        self.stats["eval_s"] += share * len(batch)
+        elapsed = time.perf_counter() - start
+        self.stats["eval_s"] += elapsed
+        share = elapsed / len(batch)
         for (work, _), resp in zip(batch, responses, strict=True):
             self._emit(
                 EvalResult(
