@@ -148,6 +148,38 @@ def test_ensure_tiny_model_builds_once_and_caches(tmp_path: Path, monkeypatch: p
     assert tokenizer.decode(tokenizer("a  b\n\nc 12")["input_ids"]) == "a  b\n\nc 12"
 
 
+def test_build_pins_its_numerics_whatever_the_callers_cpu_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A caller running at AVX-512 width and one at the default width get the same bytes: the build runs in
+    # a process of its own under `pinned_numerics()` (unpinned, the widths' rounding differs in the last bits).
+    pins = warmstart.pinned_numerics()
+    if not pins:
+        pytest.skip("numerics are pinned on x86-64 only")
+    built = []
+    for width in ("avx512", "default"):
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", width)
+        built.append(warmstart.build_tiny(tmp_path / width, recipe=SMALL))
+    first, second = ((d / "model.safetensors").read_bytes() for d in built)
+    assert first == second
+    info = json.loads((built[0] / "build_info.json").read_text())
+    assert info["numerics"]["env"] == pins and info["numerics"]["cpu_capability"] in ("AVX2", "DEFAULT")
+
+
+def test_a_failed_build_process_is_reported_with_its_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not warmstart.pinned_numerics():
+        pytest.skip("the build runs in a process of its own on x86-64 only")
+    monkeypatch.setattr(warmstart.sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match=r"tiny-model build into .*broken exited with code 1"):
+        warmstart.build_tiny(tmp_path / "broken", recipe=SMALL)
+
+
+def test_recipe_round_trips_through_its_dict() -> None:
+    import dataclasses
+
+    assert warmstart.recipe_from_dict(dataclasses.asdict(SMALL)) == SMALL
+
+
 def test_ensure_tiny_model_leaves_nothing_after_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crashing_build(out_dir: Path, **kwargs: object) -> Path:
         (out_dir / "model.safetensors").write_text("half")
