@@ -12,6 +12,10 @@ carry or borrow written out, then the boxed answer::
     What is 347 - 85?   ->   7-5=2, 14-8=6, 3-0-1=2. \\boxed{262}
 
 Splits are deterministic by seed and disjoint: no problem text of the "test" split appears in "train".
+The "hard" split holds the rungs above the ladder (5- and 6-digit operands, `HARD_LEVELS`), which the tiny
+model never sees in its warm start and never solves (0 of 1,600 samples, 100 prompts per rung x 16). Mixed
+into the training data it plays the part of a real data set's problems beyond the model: prompts whose every
+sample scores 0, on which plain RLOO spends full groups and SPEED only its screening samples.
 No torch here: this module is imported by the data layer.
 """
 
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from speed_async.data.records import PromptRecord
 
 DATA_SOURCE = "arithmetic"
-SPLIT_SIZES: dict[str, int] = {"train": 20000, "test": 500}
+SPLIT_SIZES: dict[str, int] = {"train": 20000, "test": 500, "hard": 20000}
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ LEVELS: tuple[Level, ...] = (
     Level(3, 3, 2, 4, "3-digit +/- 2-digit"),
     Level(4, 3, 3, 4, "3-digit +/- 3-digit"),
     Level(5, 4, 4, 4, "4-digit +/- 4-digit"),
+)
+
+HARD_LEVELS: tuple[Level, ...] = (
+    Level(6, 5, 5, 1, "5-digit +/- 5-digit (above the warm start's ladder)"),
+    Level(7, 6, 6, 1, "6-digit +/- 6-digit (above the warm start's ladder)"),
 )
 
 _PROBLEM_RE = re.compile(r"^What is (\d+) ([+-]) (\d+)\?$")
@@ -122,40 +131,52 @@ def _sample_problem(rng: random.Random, level: Level) -> tuple[int, str, int]:
     return a, op, b
 
 
-def _generate(seed: int) -> dict[str, list[tuple[int, str, int, int]]]:
-    """Both splits at once (test first, then train without any test text): (a, op, b, level) tuples."""
+def _sample_rows(
+    rng: random.Random, levels: tuple[Level, ...], size: int, weights: list[int], seen: set[tuple[int, str, int]]
+) -> list[tuple[int, str, int, int]]:
+    """`size` distinct (a, op, b, level) rows not in `seen` (which they join), levels in `weights` shares."""
+    per_level = [size * w // sum(weights) for w in weights]
+    per_level[-1] += size - sum(per_level)
+    rows: list[tuple[int, str, int, int]] = []
+    for level, count in zip(levels, per_level, strict=True):
+        made = 0
+        while made < count:
+            problem = _sample_problem(rng, level)
+            if problem not in seen:
+                seen.add(problem)
+                rows.append((*problem, level.level))
+                made += 1
+    rng.shuffle(rows)
+    return rows
+
+
+def _generate(seed: int, split: str) -> list[tuple[int, str, int, int]]:
+    """One split's (a, op, b, level) rows. Test and train come from one stream (test first, then train
+    without any test text); "hard" has digit counts of its own and a stream of its own, so adding it left the
+    other two splits, and the tiny model trained on them, unchanged."""
+    if split == "hard":
+        rng = random.Random(f"arithmetic-hard-{seed}")
+        return _sample_rows(rng, HARD_LEVELS, SPLIT_SIZES["hard"], [lv.train_weight for lv in HARD_LEVELS], set())
     rng = random.Random(f"arithmetic-{seed}")
     seen: set[tuple[int, str, int]] = set()
-    splits: dict[str, list[tuple[int, str, int, int]]] = {}
-    for split in ("test", "train"):
-        weights = [lv.train_weight if split == "train" else 1 for lv in LEVELS]
-        per_level = [SPLIT_SIZES[split] * w // sum(weights) for w in weights]
-        per_level[-1] += SPLIT_SIZES[split] - sum(per_level)
-        rows: list[tuple[int, str, int, int]] = []
-        for level, count in zip(LEVELS, per_level, strict=True):
-            made = 0
-            while made < count:
-                problem = _sample_problem(rng, level)
-                if problem not in seen:
-                    seen.add(problem)
-                    rows.append((*problem, level.level))
-                    made += 1
-        rng.shuffle(rows)
-        splits[split] = rows
-    return splits
+    test = _sample_rows(rng, LEVELS, SPLIT_SIZES["test"], [1] * len(LEVELS), seen)
+    if split == "test":
+        return test
+    return _sample_rows(rng, LEVELS, SPLIT_SIZES["train"], [lv.train_weight for lv in LEVELS], seen)
 
 
 def load_split(split: str, seed: int = 0) -> list[PromptRecord]:
-    """The "train" (20000) or "test" (500) split, shuffled, deterministic by `seed`.
+    """The "train" (20000), "test" (500) or "hard" (20000) split, shuffled, deterministic by `seed`.
 
-    The test split has the levels in equal shares, the train split in the shares `Level.train_weight`.
+    The test split has the levels 1..5 in equal shares, the train split in the shares `Level.train_weight`,
+    the hard split the levels 6 and 7 of `HARD_LEVELS` in equal shares.
 
     Each record's `prompt` is the bare problem text (templates add the instruction), `ground_truth` the answer
-    as a decimal string, and `extra` holds {"level": 1..5}.
+    as a decimal string, and `extra` holds {"level": 1..7}.
     """
     if split not in SPLIT_SIZES:
         raise ValueError(f"split={split!r} is not allowed; allowed: {sorted(SPLIT_SIZES)}")
-    rows = _generate(seed)[split]
+    rows = _generate(seed, split)
     return [
         PromptRecord(
             prompt_id=row,

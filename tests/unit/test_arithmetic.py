@@ -10,6 +10,7 @@ import pytest
 
 from speed_async.data.arithmetic import (
     DATA_SOURCE,
+    HARD_LEVELS,
     LEVELS,
     SPLIT_SIZES,
     answer,
@@ -43,6 +44,21 @@ def test_splits_have_their_sizes_levels_and_no_shared_text(splits: dict[str, lis
     # 20000 * 4 // 17 = 4705, and the last level takes the remainder 20000 - 1176 - 3 * 4705 = 4709.
     assert collections.Counter(r.extra["level"] for r in test) == {1: 100, 2: 100, 3: 100, 4: 100, 5: 100}
     assert collections.Counter(r.extra["level"] for r in train) == {1: 1176, 2: 4705, 3: 4705, 4: 4705, 5: 4709}
+
+
+def test_hard_split_sits_above_the_ladder_and_leaves_the_others_unchanged(splits: dict[str, list]) -> None:
+    hard = splits["hard"]
+    assert len({r.prompt for r in hard}) == len(hard) == 20000
+    assert collections.Counter(r.extra["level"] for r in hard) == {6: 10000, 7: 10000}
+    ladder_digits = max(max(lv.digits_a, lv.digits_b) for lv in LEVELS)
+    for record in hard[:500]:
+        a, op, b = parse_problem(record.prompt)
+        level = next(lv for lv in HARD_LEVELS if lv.level == record.extra["level"])
+        assert (len(str(a)), len(str(b))) == (level.digits_a, level.digits_b) and len(str(b)) > ladder_digits
+        assert record.ground_truth == str(answer(a, op, b)) and record.source == "arithmetic/hard/seed0"
+    # The train and test splits come from their own stream: their first rows as they were before "hard".
+    assert [r.prompt for r in splits["test"][:2]] == ["What is 114 + 418?", "What is 679 + 53?"]
+    assert [r.prompt for r in splits["train"][:2]] == ["What is 6614 + 5496?", "What is 618 + 384?"]
 
 
 def test_records_are_consistent_with_their_level(splits: dict[str, list]) -> None:
@@ -84,7 +100,7 @@ def test_problem_text_rejects_bad_operands() -> None:
 
 
 def test_every_solution_ends_with_its_boxed_answer(splits: dict[str, list]) -> None:
-    for record in splits["train"] + splits["test"]:
+    for record in splits["train"] + splits["test"] + splits["hard"][:1000]:
         text = solution_text(record.prompt)
         assert text.endswith(f"\\boxed{{{record.ground_truth}}}"), (record.prompt, text)
         # Every column step is arithmetically true: "a+b[+1]=s" or "a-b[-1]=d".
