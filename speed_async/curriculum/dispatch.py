@@ -7,6 +7,11 @@ a dead sampler's work be re-issued. The pacing rule keeps stale drops rare:
     room  = (#those steps) * train_batch_size  -  ready groups  -  expected groups still in flight
     hand out ceil(room / accept_rate) new prompts (accept_rate: running SPEED/DAPO yield, 1 for plain groups)
 
+The yield is a running mean over the last ~ACCEPT_WINDOW screened prompts, started from a prior worth
+ACCEPT_PRIOR_WEIGHT prompts. (An average over the last ~10, as before, swung between 0.1 and 0.3 at a true
+yield of 0.2, so the hand-out swung 3x and a quarter of the qualified prompts at k = 0 were continued and then
+dropped as stale.)
+
 and `take_batch` still checks every group: lag = step - group version <= k, or the group is dropped (counted).
 """
 
@@ -21,6 +26,10 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 from speed_async.data.ordering import PromptCursor
 
 Key = tuple[int, int]  # (epoch, prompt index)
+ACCEPT_WINDOW = 200
+"""Screened prompts the accept-rate estimate averages over, once it has seen that many."""
+ACCEPT_PRIOR_WEIGHT = 8
+"""The initial accept rate counts as this many screened prompts."""
 
 
 class Versioned(Protocol):
@@ -63,6 +72,7 @@ class DispatchState(Generic[G]):
         self.ready: deque[tuple[Key, G]] = deque()
         self.reissue: deque[Key] = deque()
         self.accept_rate = 1.0 if mode == "none" else initial_accept_rate
+        self.accept_count = 0
         self.counters: Counter[str] = Counter()
 
     # ---- pacing ------------------------------------------------------------------------------------------
@@ -92,7 +102,10 @@ class DispatchState(Generic[G]):
 
     # ---- results -----------------------------------------------------------------------------------------
     def _update_accept_rate(self, accepted: bool) -> None:
-        self.accept_rate = 0.9 * self.accept_rate + 0.1 * (1.0 if accepted else 0.0)
+        """Running mean (prior included) until ACCEPT_WINDOW results, then an average with that memory."""
+        alpha = 1.0 / min(self.accept_count + 1 + ACCEPT_PRIOR_WEIGHT, ACCEPT_WINDOW)
+        self.accept_rate += alpha * ((1.0 if accepted else 0.0) - self.accept_rate)
+        self.accept_count += 1
 
     def on_screened(self, key: Key, qualified: bool) -> bool:
         """A SPEED screening result; False if the prompt is not in flight (late or duplicate: ignored)."""
@@ -195,6 +208,7 @@ class DispatchState(Generic[G]):
             "version": self.version,
             "next_step": self.next_step,
             "accept_rate": self.accept_rate,
+            "accept_count": self.accept_count,
             "reissue": [list(k) for k in [*self.reissue, *self.in_flight]],
             "ready_keys": [list(k) for k, _ in self.ready],
             "counters": dict(self.counters),
@@ -206,6 +220,7 @@ class DispatchState(Generic[G]):
         self.version = int(state["version"])
         self.next_step = int(state["next_step"])
         self.accept_rate = float(state["accept_rate"])
+        self.accept_count = int(state.get("accept_count", ACCEPT_WINDOW))  # older checkpoints: a full window
         self.reissue = deque((int(e), int(p)) for e, p in state["reissue"])
         self.in_flight.clear()
         self.ready = deque(ready)

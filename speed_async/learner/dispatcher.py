@@ -370,19 +370,21 @@ class Dispatcher:
             self._offered = None
 
     def _serve_sockets(self) -> bool:
+        # Results first: a sampler pushes its screening reports before it asks for more work, so the request
+        # is then answered with those prompts counted as qualified or rejected, not as still screening.
         got = False
-        for _ in range(256):
-            item = self.link.router.recv(0.0)
-            if item is None:
-                break
-            got = True
-            self._on_control(*item)
         for _ in range(256):
             msg = self.link.pull.recv(0.0)
             if msg is None:
                 break
             got = True
             self._on_result(msg)
+        for _ in range(256):
+            item = self.link.router.recv(0.0)
+            if item is None:
+                break
+            got = True
+            self._on_control(*item)
         if got:
             self._try_batch()
         new = self.link.transport_metrics()

@@ -142,6 +142,30 @@ def test_speed_accept_rate_scales_the_handout_and_lost_work_is_reissued() -> Non
     assert st.counters["ignored_results"] == 1
 
 
+def test_accept_rate_is_a_mean_over_a_long_window() -> None:
+    from speed_async.curriculum.dispatch import ACCEPT_PRIOR_WEIGHT, ACCEPT_WINDOW
+
+    st = _state(k=0, batch=4, mode="speed")
+    keys = st.assign(0, 0, 10_000)
+    # Prior 0.5 worth 8 prompts, then 2 accepted of 8 screened: (0.5 * 8 + 2) / (8 + 8) = 0.375.
+    for i, key in enumerate(keys[:8]):
+        st.on_screened(key, qualified=i < 2)
+    assert st.accept_rate == pytest.approx((0.5 * ACCEPT_PRIOR_WEIGHT + 2) / (ACCEPT_PRIOR_WEIGHT + 8))
+    # A long run of one accepted in every 5: the estimate settles within a few points of 0.2 and stays there.
+    # (A mean over the last ~10 results swings even on this regular pattern: with weight 0.1 per result it
+    # peaks at M = 0.1 / (1 - 0.9 ** 5) = 0.244 after an acceptance and falls to 0.9 ** 4 * M = 0.160.)
+    more = st.assign(0, 0, 10_000)
+    seen = []
+    for i, key in enumerate([*keys[8:], *more][:2000]):
+        st.on_screened(key, qualified=i % 5 == 0)
+        seen.append(st.accept_rate)
+    assert all(abs(rate - 0.2) < 0.03 for rate in seen[ACCEPT_WINDOW * 2 :])
+    saved = st.state_dict()
+    fresh = _state(k=0, batch=4, mode="speed")
+    fresh.load_state_dict(saved, ready=[])
+    assert (fresh.accept_rate, fresh.accept_count) == (st.accept_rate, st.accept_count)
+
+
 def test_state_dict_round_trip_reissues_in_flight() -> None:
     st = _state(k=1)
     keys = st.assign(0, 0, 10)
