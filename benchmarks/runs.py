@@ -124,6 +124,31 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return merged
 
 
+def generation_budget(run_dir: Path) -> dict[str, float]:
+    """Where a run's samples went, from its ledger and resolved config: groups trained, dropped as stale and
+    dropped for zero reward variance (DAPO), prompts screened and qualified (SPEED), and the samples
+    generated per trained group. Samples: SPEED screens n per prompt and continues qualified ones with
+    n_continue more; the other modes generate whole groups of n (trained or dropped)."""
+    config = json.loads((run_dir / "resolved_config.json").read_text())
+    n, n_continue = config["rollout"]["n"], config["rollout"]["n_continue"]
+    counts: dict[str, int] = {"trained": 0, "stale": 0, "zero_variance": 0, "screened": 0, "qualified": 0}
+    for line in (run_dir / "ledger.jsonl").read_text().splitlines():
+        event = json.loads(line) if line.strip() else {}
+        if event.get("rolled_back") or not event:
+            continue
+        kind = event["event"]
+        if kind == "dropped":
+            counts["stale" if event["reason"] == "stale" else "zero_variance"] += 1
+        elif kind in counts:
+            counts[kind] += 1
+    if config["curriculum"]["mode"] == "speed":
+        samples = counts["screened"] * n + counts["qualified"] * n_continue
+    else:
+        samples = (counts["trained"] + counts["stale"] + counts["zero_variance"]) * n
+    per_group = samples / counts["trained"] if counts["trained"] else float("nan")
+    return {**{k: float(v) for k, v in counts.items()}, "samples": float(samples), "samples_per_trained": per_group}
+
+
 def step_records(run_dir: Path) -> list[dict[str, Any]]:
     """The RL-step records (those with `time/step`), in step order."""
     return sorted((r for r in read_records(run_dir) if "time/step" in r), key=lambda r: r["step"])

@@ -44,6 +44,7 @@ from benchmarks.runs import (  # noqa: E402
     default_model,
     eval_curve,
     fmt,
+    generation_budget,
     median_or_none,
     plot_curves,
     run_arms,
@@ -143,11 +144,20 @@ def compare(
     return rows, summary
 
 
+FINAL_HEADERS = [
+    "arm", "acc step 0", "acc final", "acc best", "RL steps", "s/step", "stale drops", "zero-var drops",
+    "samples/group",
+]  # fmt: skip
+
+
 def final_rows(curves: dict[str, list[Curve]], dirs: dict[tuple[str, int], Path]) -> list[list[Any]]:
-    """Per arm: median step-0, final and best accuracy, and median RL steps and seconds per step."""
+    """Per arm, medians over seeds: step-0, final and best accuracy, RL steps, seconds per step, groups dropped
+    as stale and for zero variance, and samples generated per trained group (`runs.generation_budget`)."""
     rows = []
     for name, runs in curves.items():
-        steps = [step_records(d) for (arm, _), d in dirs.items() if arm == name]
+        arm_dirs = [d for (arm, _), d in dirs.items() if arm == name]
+        steps = [step_records(d) for d in arm_dirs]
+        budgets = [generation_budget(d) for d in arm_dirs]
         rows.append(
             [
                 name,
@@ -156,6 +166,9 @@ def final_rows(curves: dict[str, list[Curve]], dirs: dict[tuple[str, int], Path]
                 f"{statistics.median(max(c.acc) for c in runs):.3f}",
                 f"{statistics.median(len(s) for s in steps):.0f}",
                 f"{statistics.median(statistics.median(r['time/step'] for r in s[1:] or s) for s in steps):.2f}",
+                f"{statistics.median(b['stale'] for b in budgets):.0f}",
+                f"{statistics.median(b['zero_variance'] for b in budgets):.0f}",
+                f"{statistics.median(b['samples_per_trained'] for b in budgets):.1f}",
             ]
         )
     return rows
@@ -198,8 +211,7 @@ def main() -> None:
 
     print(f"\nspeedup: {args.config}, budget {args.budget_s:.0f} s per run, seeds {seeds}")
     finals = final_rows(curves, dirs)
-    headers = ["arm", "acc step 0", "acc final", "acc best", "RL steps", "s/step"]
-    text = _table(headers, finals)
+    text = _table(FINAL_HEADERS, finals)
     rows, summary = compare(curves, seeds, fractions)
     headers2 = ["pair", "target", "base min (reached)", "SPEED min (reached)", "speedup", "SPEED k=1 min"]
     headers2.append("k=1 vs base")

@@ -64,3 +64,38 @@ def test_an_evaluation_overlapping_training_never_makes_time_run_backwards(tmp_p
     )
     # Version 2: 10 s of run, 2 of them (58-60 s) evaluating; version 3: 15 s, 7 of them (58-65 s) evaluating.
     assert eval_curve(tmp_path).wall_s == (0.0, 8.0, 8.0)
+
+
+def _run_dir(path: Path, mode: str, n: int, n_continue: int, events: list[dict]) -> Path:
+    path.mkdir(parents=True)
+    config = {"rollout": {"n": n, "n_continue": n_continue}, "curriculum": {"mode": mode}}
+    (path / "resolved_config.json").write_text(json.dumps(config))
+    (path / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return path
+
+
+def test_generation_budget_counts_the_samples_behind_each_trained_group(tmp_path: Path) -> None:
+    from benchmarks.runs import generation_budget
+
+    # SPEED, n = 4 and n_continue = 12: 5 prompts screened (20 samples), 2 qualified and continued (24 more);
+    # one trained, one dropped as stale; a rolled-back screening does not count. 44 samples per trained group.
+    speed = [
+        *[{"event": "screened"} for _ in range(5)],
+        {"event": "screened", "rolled_back": True},
+        {"event": "qualified"},
+        {"event": "qualified"},
+        {"event": "trained"},
+        {"event": "dropped", "reason": "stale"},
+    ]
+    got = generation_budget(_run_dir(tmp_path / "speed", "speed", 4, 12, speed))
+    assert (got["screened"], got["qualified"], got["trained"], got["stale"]) == (5, 2, 1, 1)
+    assert got["samples"] == 5 * 4 + 2 * 12 and got["samples_per_trained"] == 44
+    # DAPO, groups of 16: 3 trained, 2 zero-variance and 1 stale group dropped: 6 * 16 / 3 = 32 per trained.
+    dapo = [
+        *[{"event": "trained"} for _ in range(3)],
+        {"event": "dropped", "reason": "zero_variance"},
+        {"event": "dropped", "reason": "zero_variance"},
+        {"event": "dropped", "reason": "stale"},
+    ]
+    got = generation_budget(_run_dir(tmp_path / "dapo", "dapo", 16, 0, dapo))
+    assert (got["zero_variance"], got["stale"], got["samples_per_trained"]) == (2, 1, 32)
