@@ -23,6 +23,7 @@ and targets (k = 0 for both);
 from __future__ import annotations
 
 import argparse
+import itertools
 import shlex
 import shutil
 import statistics
@@ -174,6 +175,32 @@ def final_rows(curves: dict[str, list[Curve]], dirs: dict[tuple[str, int], Path]
     return rows
 
 
+def window_rows(curves: dict[str, list[Curve]], budget_s: float, parts: int = 3) -> tuple[list[str], list[list[Any]]]:
+    """Held-out accuracy by stretch of training time, a view that needs no target: the budget cut into
+    `parts` equal windows; per seed the mean of its evaluations in a window (step 0 left out), then the mean
+    and standard error over seeds. Returns the headers and one row per arm."""
+    edges = [budget_s * i / parts for i in range(parts + 1)]
+    headers = ["arm", *(f"acc {a / 60:.1f}-{b / 60:.1f} min" for a, b in itertools.pairwise(edges))]
+    rows = []
+    for name, runs in curves.items():
+        row: list[Any] = [name]
+        for i, (a, b) in enumerate(itertools.pairwise(edges)):
+            last = i == parts - 1
+            per_seed = [
+                statistics.mean(acc for w, acc, st in zip(c.wall_s, c.acc, c.steps, strict=True)
+                                if st > 0 and a <= w and (w < b or last))
+                for c in runs
+                if any(st > 0 and a <= w and (w < b or last) for w, st in zip(c.wall_s, c.steps, strict=True))
+            ]  # fmt: skip
+            if not per_seed:
+                row.append("-")
+                continue
+            se = statistics.stdev(per_seed) / len(per_seed) ** 0.5 if len(per_seed) > 1 else float("nan")
+            row.append(f"{statistics.mean(per_seed):.3f} +- {se:.3f}")
+        rows.append(row)
+    return headers, rows
+
+
 def main() -> None:
     """Run the arms, print the tables and the JSON line; write the results file and the plot when asked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -216,6 +243,8 @@ def main() -> None:
     headers2 = ["pair", "target", "base min (reached)", "SPEED min (reached)", "speedup", "SPEED k=1 min"]
     headers2.append("k=1 vs base")
     text += "\n" + _table(headers2, rows)
+    headers3, rows3 = window_rows(curves, args.budget_s)
+    text += "\n" + _table(headers3, rows3)
     result: dict[str, Any] = {"benchmark": "speedup", **summary}
     result["curves"] = {n: [dict(wall_s=c.wall_s, steps=c.steps, acc=c.acc) for c in cs] for n, cs in curves.items()}
     paths = {name: str(getattr(args, name)) for name in ("out", "plot", "analyze")}

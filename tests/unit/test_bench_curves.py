@@ -99,3 +99,17 @@ def test_generation_budget_counts_the_samples_behind_each_trained_group(tmp_path
     ]
     got = generation_budget(_run_dir(tmp_path / "dapo", "dapo", 16, 0, dapo))
     assert (got["zero_variance"], got["stale"], got["samples_per_trained"]) == (2, 1, 32)
+
+
+def test_window_rows_average_each_seed_then_over_seeds() -> None:
+    from benchmarks.runs import Curve
+    from benchmarks.speedup import window_rows
+
+    # Budget 90 s in 3 windows of 30 s. Seed a: 0.6 (step 0, left out), 0.7 at 10 s, 0.8 at 40 s and 0.9 at 90 s
+    # (the end belongs to the last window); seed b: 0.5 at 20 s and 0.7 at 80 s, nothing in the middle.
+    a = Curve(wall_s=(0.0, 10.0, 40.0, 90.0), steps=(0, 1, 2, 3), acc=(0.6, 0.7, 0.8, 0.9))
+    b = Curve(wall_s=(0.0, 20.0, 80.0), steps=(0, 1, 2), acc=(0.6, 0.5, 0.7))
+    headers, rows = window_rows({"arm": [a, b]}, budget_s=90.0)
+    assert headers == ["arm", "acc 0.0-0.5 min", "acc 0.5-1.0 min", "acc 1.0-1.5 min"]
+    # Window 1: mean(0.7, 0.5) = 0.6, standard error stdev(0.7, 0.5) / sqrt(2) = 0.1; window 2: seed a only.
+    assert rows == [["arm", "0.600 +- 0.100", "0.800 +- nan", "0.800 +- 0.100"]]
