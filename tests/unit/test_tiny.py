@@ -117,6 +117,8 @@ def test_recipe_digest_changes_with_every_field() -> None:
 
 
 def test_ensure_tiny_model_builds_once_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in warmstart.pinned_numerics().items():  # build in this process (the pin has its own test)
+        monkeypatch.setenv(name, value)
     builds = []
     real_build = warmstart.build_tiny
 
