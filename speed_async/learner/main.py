@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,9 @@ log = logging.getLogger("speed_async.learner")
 ENDPOINTS_FILE = "endpoints.json"
 STOP_FILE = "stop_request"
 """A file the launcher writes into the run directory to make the learner checkpoint and stop (its text: why)."""
+STOP_PUBLISH_WAIT_S = 5.0
+"""When the run stops early, how long rank 0 lets a weight broadcast in flight finish before it exits anyway
+(one to a lost sampler would hold the exit for pipeline.sync_timeout_s)."""
 
 
 class TrainingStopped(RuntimeError):
@@ -198,6 +202,15 @@ def run_learner(
         return 0
     except TrainingStopped as err:
         log.error("%s", err)
+        if head is not None and not head.close(publish_wait_s=STOP_PUBLISH_WAIT_S):
+            # The checkpoint and logs are written; the weight-sync group's destructor would wait for the
+            # broadcast in flight, so leave without running it.
+            log.warning("a weight broadcast to lost samplers is still in flight; exiting without waiting for it")
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        head = None
         return 1
     finally:
         if head is not None:
@@ -408,8 +421,11 @@ class _Head:
         if self.pending_evals:
             log.error("evaluations of versions %s did not finish", sorted(self.pending_evals))
 
-    def close(self) -> None:
-        self.publisher.close()
+    def close(self, publish_wait_s: float | None = None) -> bool:
+        """Stop the publisher (waiting at most `publish_wait_s` for a broadcast in flight) and the dispatcher,
+        close the files; False if the publisher thread was still busy."""
+        done = self.publisher.close(publish_wait_s)
         self.dispatcher.stop("training finished")
         self.metrics.close()
         self.ledger.close()
+        return done

@@ -157,14 +157,19 @@ class WeightPublisher:
         if self._error is not None:
             raise PublishError(f"weight publishing failed: {self._error}") from self._error
 
-    def close(self) -> None:
-        """Stop the thread and release the group."""
+    def close(self, wait_s: float | None = None) -> bool:
+        """Stop the thread and release the group; False if the thread is still busy after `wait_s` (default
+        3 x sync_timeout_s). A gloo broadcast cannot be interrupted: one to a stopped sampler returns only at
+        the group's timeout, and the group is then left to the process's exit."""
         with self._cv:
             self._closing = True
             self._cv.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s * 3)
+            self._thread.join(timeout=self.timeout_s * 3 if wait_s is None else wait_s)
+            if self._thread.is_alive():
+                return False
         self._drop_group("the learner is closing")  # the store's socket stays open until the process ends
+        return True
 
     # ---- publisher thread --------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -106,7 +106,13 @@ def _stop_the_only_sampler(tmp_path: Path, run_dir: Path, resumed_from: int) -> 
         sampler = json.loads((run_dir / "pids.json").read_text())["sampler[0]"]
         stopped_at = time.time()
         os.killpg(sampler, signal.SIGSTOP)
-        code = second.wait(timeout=SAMPLER_TIMEOUT_S + REJOIN_TIMEOUT_S + 180)
+        # Lost after SAMPLER_TIMEOUT_S, stopped after REJOIN_TIMEOUT_S more, then a checkpoint and the exit:
+        # the learner must not wait out pipeline.sync_timeout_s (120 s) for a broadcast to the stopped sampler.
+        limit = SAMPLER_TIMEOUT_S + REJOIN_TIMEOUT_S + 60
+        try:
+            code = second.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the resumed run did not stop within {limit:.0f} s of its only sampler's SIGSTOP")
     finally:
         if second.poll() is None:
             _kill_everything(second, run_dir)
