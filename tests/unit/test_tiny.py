@@ -153,19 +153,19 @@ def test_ensure_tiny_model_builds_once_and_caches(tmp_path: Path, monkeypatch: p
 def test_build_pins_its_numerics_whatever_the_callers_cpu_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A caller running at AVX-512 width and one at the default width get the same bytes: the build runs in
-    # a process of its own under `pinned_numerics()` (unpinned, the widths' rounding differs in the last bits).
+    # A caller running at AVX-512 width still gets an AVX2 build: the build runs in a process of its own under
+    # `pinned_numerics()` and records what torch used there. (Unpinned, an AVX-512 and a default-width build
+    # of this recipe differ in the weights' last bits, and 400 steps make that another model: see the README.)
     pins = warmstart.pinned_numerics()
     if not pins:
         pytest.skip("numerics are pinned on x86-64 only")
-    built = []
-    for width in ("avx512", "default"):
-        monkeypatch.setenv("ATEN_CPU_CAPABILITY", width)
-        built.append(warmstart.build_tiny(tmp_path / width, recipe=SMALL))
-    first, second = ((d / "model.safetensors").read_bytes() for d in built)
-    assert first == second
-    info = json.loads((built[0] / "build_info.json").read_text())
-    assert info["numerics"]["env"] == pins and info["numerics"]["cpu_capability"] in ("AVX2", "DEFAULT")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    built = warmstart.build_tiny(tmp_path / "model", recipe=SMALL)
+    info = json.loads((built / "build_info.json").read_text())
+    assert info["numerics"]["env"] == pins
+    supported = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert info["numerics"]["cpu_capability"] == ("AVX2" if supported else "DEFAULT")
 
 
 def test_a_failed_build_process_is_reported_with_its_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
