@@ -30,6 +30,9 @@ from speed_async.config import Config, config_from_dict, config_to_dict, write_r
 from speed_async.config.loader import parse_override
 
 STOP_GRACE_S = 20.0
+SAMPLER_EXIT_WAIT_S = 30.0
+"""After the learner finished (and told the samplers to stop), how long the samplers may take to end their
+generation call and exit on their own, writing their stats, before they are signalled."""
 STOP_FILE = "stop_request"  # speed_async.learner.main.STOP_FILE (not imported: it would pull in torch)
 EXIT_LEARNER_UNRESPONSIVE = 3  # launcher.roles.EXIT_LEARNER_UNRESPONSIVE
 
@@ -221,6 +224,16 @@ def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S, others: 
         _signal_group(pid, signal.SIGKILL)
 
 
+def wait_for_exit(children: list[Child], timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Wait until every child has exited, at most `timeout_s`; True if they all did."""
+    deadline = time.monotonic() + timeout_s
+    while any(child.proc.poll() is None for child in children):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -299,6 +312,7 @@ def supervise(
                     print(f"speed-async: run stopped: {stopping}", file=sys.stderr, flush=True)
                 return 1
             # The learner told the samplers to stop; give them a moment to exit on their own.
+            wait_for_exit(samplers, SAMPLER_EXIT_WAIT_S)
             stop_children(samplers, grace_s=STOP_GRACE_S)
             return 0 if stopping is None else 1
         if stopping is not None and time.monotonic() > stop_deadline:

@@ -98,6 +98,17 @@ def test_a_sampler_that_finds_the_learner_unresponsive_stops_the_run(
     assert children[0].proc.poll() is not None, "the learner was stopped"
 
 
+def test_after_the_learner_finishes_samplers_may_end_their_call_before_any_signal(tmp_path: Path) -> None:
+    # The sampler (told to stop by the learner) needs 1.5 s to finish its call and write its stats; SIGTERM
+    # would kill it before (Python's default action), so the file shows it was not signalled.
+    stats = tmp_path / "sampler-0.json"
+    sampler = f"import pathlib, time; time.sleep(2.0); pathlib.Path({str(stats)!r}).write_text('{{}}')"
+    learner = _start("learner", [sys.executable, "-c", "import time; time.sleep(0.5)"], {}, tmp_path)
+    children = [learner, _start("sampler[0]", [sys.executable, "-c", sampler], {}, tmp_path)]
+    assert supervise(children, poll_s=0.05, run_dir=tmp_path) == 0
+    assert stats.exists() and children[1].proc.returncode == 0
+
+
 def test_stopping_ends_a_stopped_process_and_a_worker_in_its_own_group(tmp_path: Path) -> None:
     child = _start("sampler[0]", [sys.executable, "-c", "import time; time.sleep(60)"], {}, tmp_path)
     # Like a torchrun worker: a process in a session of its own that ignores SIGTERM, and is stopped.
