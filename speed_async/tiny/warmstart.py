@@ -12,9 +12,11 @@ Prompt format (what the sampler must feed, `render_prompt(..., chat_template=Fal
 directory that is renamed into place, under an fcntl lock, so a crash leaves no half model and concurrent
 callers build it once.
 
-The same recipe builds the same bytes on every x86-64 machine: the warm start runs in a process of its own
-with ATen's vectorised kernels and MKL pinned to AVX2 (`pinned_numerics`). Unpinned, 400 steps amplify the
-last-bit differences of AVX-512 kernels into another model (measured: 0.47 instead of 0.64 sampled accuracy).
+The warm start runs in a process of its own with ATen's vectorised kernels and MKL pinned to AVX2
+(`pinned_numerics`), so that x86-64 machines with and without AVX-512 compute the same floats. Unpinned, 400
+steps amplify the last-bit differences of AVX-512 kernels into another model (measured: 0.47 instead of 0.64
+sampled accuracy); pinned, an AVX-512 machine built exactly the model (same held-out numbers and histogram)
+that earlier sessions' machines had built.
 """
 
 from __future__ import annotations
