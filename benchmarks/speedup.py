@@ -186,12 +186,11 @@ def window_rows(curves: dict[str, list[Curve]], budget_s: float, parts: int = 3)
         row: list[Any] = [name]
         for i, (a, b) in enumerate(itertools.pairwise(edges)):
             last = i == parts - 1
-            per_seed = [
-                statistics.mean(acc for w, acc, st in zip(c.wall_s, c.acc, c.steps, strict=True)
-                                if st > 0 and a <= w and (w < b or last))
+            in_window = [
+                [x for w, x, st in zip(c.wall_s, c.acc, c.steps, strict=True) if st > 0 and a <= w and (w < b or last)]
                 for c in runs
-                if any(st > 0 and a <= w and (w < b or last) for w, st in zip(c.wall_s, c.steps, strict=True))
-            ]  # fmt: skip
+            ]
+            per_seed = [statistics.mean(accs) for accs in in_window if accs]
             if not per_seed:
                 row.append("-")
                 continue
