@@ -3,7 +3,9 @@
     train_step(groups, step)                    every rank, same `groups` (see scatter.broadcast_groups)
       advantages per group (RLOO / GRPO)
       for each mini-batch: this rank's groups i::world -> micro-batches (padded to the max count over ranks)
-      pi_old (and pi_ref when kl_coef > 0) of every micro-batch, no grad, weights of version `step`
+      pi_old of the micro-batches of mini-batches 1.. (and pi_ref of all when kl_coef > 0), no grad,
+      weights of version `step`; mini-batch 0 trains on the weights of version `step` itself, so its pi_old
+      is its own training forward, detached (the same numbers, without a second forward)
       for each mini-batch:
         N = response tokens of the mini-batch over ALL ranks (all_reduce)
         per micro-batch: loss = sum(token losses) / N; backward(loss * world)   <- FSDP2 averages over
@@ -89,6 +91,9 @@ class Learner:
             self.ref_model = load_model(model_path, config.model, self.device)
             self.ref_model.eval().requires_grad_(False)
         self.optimizer, self.scheduler = build_optimizer(self.model, config.optim)
+        self.separate_old_pass = False
+        """True: pi_old of mini-batch 0 from a no-grad pass of its own as well (the same numbers, one more
+        forward; kept to test that the two agree)."""
 
     def _sync_clock(self) -> float:
         """Seconds on a monotonic clock, after the device's queued work is done."""
@@ -160,9 +165,15 @@ class Learner:
             )
         started = self._sync_clock()
         plans, tokens = self._plan_mini_batches(groups)
-        old = [self._no_grad_logprobs(self.model, p) for p in plans]
+        planned = self._sync_clock()
+        # Before the first optimizer step the weights are pi_old: mini-batch 0 takes pi_old from its training
+        # forward. Later mini-batches train on updated weights and need pi_old from a pass of their own, now.
+        first = 0 if self.separate_old_pass else 1
+        old: list[list[Tensor] | None] = [None] * first
+        old += [self._no_grad_logprobs(self.model, p) for p in plans[first:]]
         ref = [self._no_grad_logprobs(self.ref_model, p) for p in plans] if self.ref_model is not None else None
-        seconds = {"old_logprobs": self._sync_clock() - started, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        seconds = {"plan": planned - started, "old_logprobs": self._sync_clock() - planned}
+        seconds.update(forward=0.0, backward=0.0, optimizer=0.0)
 
         sums = dict.fromkeys(_SUMS, 0.0)
         grad_norms, lr = [], 0.0
@@ -171,8 +182,9 @@ class Learner:
             self.optimizer.zero_grad(set_to_none=True)
             for k, mb in enumerate(plan):
                 t0 = self._sync_clock()
+                old_mb = old[m]
                 part = self._micro_batch_loss(
-                    to_device(mb, self.device), old[m][k], ref[m][k] if ref else None, normalizer
+                    to_device(mb, self.device), old_mb[k] if old_mb else None, ref[m][k] if ref else None, normalizer
                 )
                 t1 = self._sync_clock()
                 # FSDP2 divides the reduced gradient by the world size; undo it so ranks' gradients SUM.
@@ -212,9 +224,11 @@ class Learner:
         }
 
     def _micro_batch_loss(
-        self, mb: MicroBatch, old_logprobs: Tensor, ref_logprobs: Tensor | None, normalizer: float
+        self, mb: MicroBatch, old_logprobs: Tensor | None, ref_logprobs: Tensor | None, normalizer: float
     ) -> dict[str, Tensor]:
         """The micro-batch's share of the mini-batch objective ("objective", with grad) and its metric sums.
+
+        `old_logprobs` None: pi_old is the weights being trained (mini-batch 0), i.e. this forward, detached.
 
         Metric sums are detached: "loss" and "kl" are this micro-batch's terms of the global token means
         (they add up over micro-batches and ranks); the rest are sums over its response tokens.
@@ -222,6 +236,8 @@ class Learner:
         algo = self.config.algorithm
         logprobs, entropy = token_logprobs(self.model, mb, self.config.rollout.temperature, True)
         assert entropy is not None
+        if old_logprobs is None:
+            old_logprobs = logprobs.detach()
         mask = mb.response_mask
         is_weights = None
         if algo.off_policy_correction == "tis":

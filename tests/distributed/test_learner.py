@@ -248,6 +248,13 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
     out["state_after"] = list(iter_full_state(learner.model))
     out["saved_dir"] = Path(out_dir) / "saved"
     save_hf(learner.model, model_dir, out["saved_dir"])
+    del learner
+    # The same step with pi_old of mini-batch 0 from a no-grad pass of its own (what the learner did before it
+    # took pi_old from the training forward).
+    separate = Learner(cfg, model_dir, "cpu")
+    separate.separate_old_pass = True
+    out["separate_metrics"] = separate.train_step(out["broadcast"], step=1)
+    out["separate_state_after"] = list(iter_full_state(separate.model))
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -344,6 +351,20 @@ def test_two_ranks_take_the_same_update(one_rank: list[dict[str, Any]], two_rank
     print(f"1 vs 2 ranks: max abs parameter diff {diff:.3g}; step seconds 1 rank "
           f"{single['metrics']['seconds_step']:.3f}, 2 ranks {dual['metrics']['seconds_step']:.3f}")  # fmt: skip
     assert diff < PARAM_ATOL
+
+
+def test_pi_old_from_the_training_forward_changes_nothing(
+    one_rank: list[dict[str, Any]], two_ranks: list[dict[str, Any]]
+) -> None:
+    # Mini-batch 0 trains on the weights of version `step`, so pi_old is its own forward: the loss, the TIS
+    # weights, every metric and the update equal those of the step that ran a separate no-grad pass for it.
+    keys = ("loss", "kl", "grad_norm", "clipfrac", "entropy", "tis_weight_mean", "behaviour_logprob_abs_diff")
+    for result in one_rank + two_ranks:
+        fused, separate = result["metrics"], result["separate_metrics"]
+        for key in keys:
+            assert fused[key] == pytest.approx(separate[key], rel=1e-6, abs=1e-8), key
+        for (name, a), (_, b) in zip(result["state_after"], result["separate_state_after"], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
 
 
 def test_save_hf_writes_the_trained_weights(two_ranks: list[dict[str, Any]]) -> None:
