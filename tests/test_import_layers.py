@@ -16,6 +16,8 @@ PACKAGE = REPO / "speed_async"
 LAYERS: dict[str, int] = {
     "config": 0,
     "protocol": 0,
+    "rundir": 0,
+    "lifetime": 0,
     "data": 1,
     "rewards": 1,
     "algorithms": 1,
