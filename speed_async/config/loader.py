@@ -2,9 +2,15 @@
 
     Config <- defaults <- TOML file <- `key=value` overrides, then validation
 
-Keys are flattened to dotted paths first (`rollout.n`), aliases are mapped to their native keys, every value is
-checked against its field's type, and only then are the frozen dataclasses built (their `__post_init__` checks
-ranges and cross-field rules). Nothing starts before all of this has passed.
+Three layers, each overriding the one before key by key: the defaults, the file, the command line. Within a
+layer, keys are flattened to dotted paths (`rollout.n`), aliases are mapped to their native keys and the
+curriculum switches (`curriculum.enable`, `algorithm.filter_groups.enable`) become `curriculum.mode`; two
+settings of one layer that disagree (an alias and its native key, a switch and `curriculum.mode`) are an
+error. Across layers the later one wins: `curriculum.enable=false` on the command line gives mode `none` even
+when the file says `speed`, and a file's `rollout.n_continue` that only fits the file's mode gives way to the
+new mode's default. Then every value is checked against its field's type, and only then are the frozen
+dataclasses built (their `__post_init__` checks ranges and cross-field rules). Nothing starts before all of
+this has passed. `explain_config` says which layer set each value.
 """
 
 from __future__ import annotations
@@ -136,16 +142,19 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
 
 
 def _apply_aliases(flat: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
-    """Map reference-code names to native keys; `flat` maps key -> (value, origin)."""
+    """Map reference-code names to native keys within one layer; `flat` maps key -> (value, origin)."""
     out: dict[str, tuple[Any, str]] = {}
+    named: dict[str, tuple[str, str]] = {}  # native key -> (the name it was set as, its origin)
     for key, (value, origin) in flat.items():
         native = ALIASES.get(key, key)
-        if native in out and out[native][0] != value and native != key:
+        if native in out and out[native][0] != value:  # one layer names a key twice (alias and native key)
+            other, where = named[native]
             raise ValueError(
-                f"{key} = {value!r} (from {origin}) conflicts with {native} = {out[native][0]!r} "
-                f"(from {out[native][1]}): set only one of them"
+                f"{key} = {value!r} (from {origin}) conflicts with {other} = {out[native][0]!r} (from {where}): "
+                "set only one of them"
             )
-        out[native] = (value, origin)
+        out[native] = (value, origin if native == key else f"{origin}, as {key}")
+        named[native] = (key, origin)
     switches = {k: out.pop(k) for k in SWITCHES if k in out}
     for key, (value, origin) in switches.items():
         if not isinstance(value, bool):
@@ -160,10 +169,13 @@ def _apply_aliases(flat: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str
     if speed is None and dapo is None:
         return out
     mode = "speed" if speed else "dapo" if dapo else "none"
-    origin = ", ".join(f"{k} from {o}" for k, (_, o) in switches.items())
+    origin = next(iter(switches.values()))[1] + ", as " + " and ".join(switches)
     if "curriculum.mode" in out and out["curriculum.mode"][0] != mode:
+        said = " and ".join(f"{k} = {str(v).lower()}" for k, (v, _) in switches.items())
         raise ValueError(
-            f"curriculum.mode = {out['curriculum.mode'][0]!r} conflicts with {origin} (which means {mode!r})"
+            f"curriculum.mode = {out['curriculum.mode'][0]!r} (from {out['curriculum.mode'][1]}) conflicts with "
+            f"{said} (from {origin.split(', as ')[0]}), which means {mode!r}: in one layer (file or command line) "
+            "set only one of them"
         )
     out["curriculum.mode"] = (mode, origin)
     return out
@@ -183,14 +195,38 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def build_config(flat_with_origin: Mapping[str, tuple[Any, str]]) -> Config:
-    """Validate dotted keys (with the origin of each value, for messages) and build the frozen tree."""
-    types_by_key = field_types()
-    resolved = _apply_aliases(dict(flat_with_origin))
-    mode = resolved.get("curriculum.mode", ("speed", ""))[0]
-    if mode != "speed" and "rollout.n_continue" not in resolved:
+def merge_layers(layers: Sequence[Mapping[str, tuple[Any, str]]]) -> dict[str, tuple[Any, str]]:
+    """The native keys of `layers` (lowest first; each maps a dotted key to (value, origin)), each layer resolved
+    on its own (`_apply_aliases`), then merged so that a later layer overrides an earlier one. A
+    `rollout.n_continue` that does not fit the final `curriculum.mode` and was set below the layer that chose
+    that mode gives way to the mode's default (SPEED's n_continue means nothing in plain groups)."""
+    merged: dict[str, tuple[Any, str]] = {}
+    layer_of: dict[str, int] = {}
+    for index, layer in enumerate(layers):
+        for key, entry in _apply_aliases(dict(layer)).items():
+            merged[key], layer_of[key] = entry, index
+    mode, mode_origin = merged.get("curriculum.mode", ("speed", "default"))
+    chosen = f"curriculum.mode = {mode!r} (from {mode_origin})"
+    if "rollout.n_continue" in merged and layer_of["rollout.n_continue"] < layer_of.get("curriculum.mode", -1):
+        value, origin = merged["rollout.n_continue"]
+        if (value == 0) != (mode != "speed"):
+            del merged["rollout.n_continue"]
+            if mode == "speed":
+                return merged  # SPEED's default applies
+            merged["rollout.n_continue"] = (0, f"{chosen}, over rollout.n_continue = {value!r} (from {origin})")
+    if mode != "speed" and "rollout.n_continue" not in merged:
         # n_continue's default (20) belongs to SPEED; other modes have plain groups unless the user says otherwise.
-        resolved["rollout.n_continue"] = (0, f"curriculum.mode = {mode!r}")
+        merged["rollout.n_continue"] = (0, chosen)
+    return merged
+
+
+def build_config(flat_with_origin: Mapping[str, tuple[Any, str]]) -> Config:
+    """Validate dotted keys of one layer (with the origin of each value, for messages) and build the tree."""
+    return _build(merge_layers([flat_with_origin]))
+
+
+def _build(resolved: Mapping[str, tuple[Any, str]]) -> Config:
+    types_by_key = field_types()
     sections: dict[str, dict[str, Any]] = {}
     for key, (value, origin) in resolved.items():
         if key not in types_by_key:
@@ -206,6 +242,21 @@ def build_config(flat_with_origin: Mapping[str, tuple[Any, str]]) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the TOML file at `path` (if any), then `key=value` overrides; validated."""
+    return _build(merge_layers(_layers(path, overrides)))
+
+
+def explain_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, str]]:
+    """`load_config(path, overrides)` and, for every native key, the layer that set its value: `default`, the
+    file's path or `command line` (with the alias it was set as, or the setting it follows from)."""
+    resolved = merge_layers(_layers(path, overrides))
+    config = _build(resolved)
+    origins = {key: "default" for key in field_types()}
+    origins.update({key: origin for key, (_, origin) in resolved.items()})
+    return config, origins
+
+
+def _layers(path: str | Path | None, overrides: Sequence[str]) -> list[dict[str, tuple[Any, str]]]:
+    """The file layer (empty without a file) and the command-line layer."""
     flat: dict[str, tuple[Any, str]] = {}
     if path is not None:
         path = Path(path)
@@ -216,10 +267,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
         flat.update({k: (v, str(path)) for k, v in _flatten(tree).items()})
+    command_line: dict[str, tuple[Any, str]] = {}
     for text in overrides:
         key, value = parse_override(text)
-        flat[key] = (value, "command line")
-    return build_config(flat)
+        command_line.pop(key, None)  # the same key twice: the last one counts (and keeps its place)
+        command_line[key] = (value, "command line")
+    return [flat, command_line]
 
 
 def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
@@ -234,7 +287,9 @@ def config_from_dict(tree: Mapping[str, Any], origin: str = "resolved config") -
 
 def write_resolved_config(config: Config, run_dir: str | Path) -> Path:
     """Write `resolved_config.json` into the run directory and return its path."""
+    from speed_async.rundir import write_json
+
     out = Path(run_dir) / "resolved_config.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
+    write_json(out, config_to_dict(config), indent=2, sort_keys=True)  # atomically: a resume reads it
     return out

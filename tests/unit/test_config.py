@@ -17,6 +17,7 @@ from speed_async.config import (
     parse_override,
     write_resolved_config,
 )
+from speed_async.config.loader import explain_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +92,11 @@ def test_switch_aliases_choose_the_curriculum() -> None:
             ["curriculum.enable=true", "algorithm.filter_groups.enable=true"],
             r"SPEED and DAPO dynamic sampling are alternatives",
         ),
-        (["curriculum.mode=none", "curriculum.enable=true"], r"curriculum.mode = 'none' conflicts with"),
+        (
+            ["curriculum.mode=none", "curriculum.enable=true"],
+            r"curriculum.mode = 'none' \(from command line\) conflicts with curriculum.enable = true",
+        ),
+        (["actor_rollout_ref.rollout.n=8", "rollout.n=4"], r"conflicts with actor_rollout_ref.rollout.n = 8"),
         (["rollout.n=4", "actor_rollout_ref.rollout.n=8"], r"conflicts with rollout.n = 4"),
         (
             ["curriculum.pass_rate_low=0.6", "curriculum.pass_rate_high=0.5"],
@@ -111,6 +116,38 @@ def test_switch_aliases_choose_the_curriculum() -> None:
 def test_invalid_values_are_rejected_with_key_value_and_rule(overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+def test_the_command_line_overrides_the_file_and_conflicts_are_only_within_a_layer(tmp_path: Path) -> None:
+    tiny = REPO / "configs" / "tiny-cpu.toml"  # curriculum.mode = "speed", rollout.n_continue = 12
+    plain = load_config(tiny, ["curriculum.enable=false"])
+    assert plain.curriculum.mode == "none" and plain.rollout.n_continue == 0 and plain.group_size == 4
+    assert load_config(tiny, ["algorithm.filter_groups.enable=true"]).curriculum.mode == "dapo"
+    assert load_config(tiny, ["curriculum.enable=true"]).rollout.n_continue == 12, "same mode: the file's value stays"
+    path = tmp_path / "plain.toml"
+    path.write_text("[curriculum]\nmode = 'none'\n[rollout]\nn_continue = 0\ngen_batch_size = 32\n")
+    speed = load_config(path, ["curriculum.enable=true", "data.gen_batch_size=8"])
+    assert speed.curriculum.mode == "speed" and speed.rollout.n_continue == 20, "SPEED's default, not the file's 0"
+    assert speed.rollout.gen_batch_size == 8, "an alias on the command line overrides the file's native key"
+    # Two settings of one layer that disagree stay an error, in the file as on the command line.
+    both = tmp_path / "both.toml"
+    both.write_text("[curriculum]\nmode = 'speed'\nenable = false\n")
+    with pytest.raises(ValueError, match=r"curriculum.mode = 'speed' \(from .*both.toml\) conflicts with"):
+        load_config(both, ["curriculum.enable=false"])
+    with pytest.raises(ValueError, match=r"rollout.n_continue = 4 is invalid: must be 0"):
+        load_config(tiny, ["curriculum.enable=false", "rollout.n_continue=4"])
+
+
+def test_explain_names_the_layer_of_every_value() -> None:
+    tiny = REPO / "configs" / "tiny-cpu.toml"
+    config, origins = explain_config(tiny, ["curriculum.enable=false", "data.gen_batch_size=8", "rollout.n=6"])
+    assert config.rollout.n == 6 and set(origins) == set(field_types())
+    assert origins["rollout.n"] == "command line" and origins["data.train_batch_size"] == str(tiny)
+    assert origins["rollout.gen_batch_size"] == "command line, as data.gen_batch_size"
+    assert origins["curriculum.mode"] == "command line, as curriculum.enable"
+    assert origins["rollout.n_continue"].startswith("curriculum.mode = 'none' (from command line")
+    assert f"over rollout.n_continue = 12 (from {tiny})" in origins["rollout.n_continue"]
+    assert origins["pipeline.sync_timeout_s"] == "default"
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
