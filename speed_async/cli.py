@@ -11,7 +11,7 @@ EPILOG = """examples:
   speed-async train --config configs/tiny-cpu.toml rollout.n=8 pipeline.max_staleness=2
   torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 \\
       -m speed_async train --config my.toml cluster.num_learner_ranks=4 cluster.bind_host=0.0.0.0
-  speed-async make-tiny --out /tmp/tiny
+  speed-async make-tiny --out /tmp/tiny        # rebuild the shipped tiny model from its recipe
   speed-async config --config configs/tiny-cpu.toml --explain
   speed-async eval --model runs/x/final_model --data builtin:arithmetic/test --n 4 --max-tokens 64
   speed-async plot runs/a runs/b --out accuracy.png
@@ -48,10 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="validate a config and print the resolved tree")
     _add_config_args(config)
-    config.add_argument("--explain", action="store_true", help="print every key with its documentation")
+    config.add_argument(
+        "--explain",
+        action="store_true",
+        help="print every key with its documentation and the layer that set it (default, file, command line)",
+    )
 
-    tiny = sub.add_parser("make-tiny", help="build the embedded tiny Qwen2 model and tokenizer (warm-started)")
-    tiny.add_argument("--out", type=Path, help="output directory (default: the shared cache)")
+    tiny = sub.add_parser(
+        "make-tiny",
+        help="rebuild the embedded tiny Qwen2 model and tokenizer from its recipe (builtin:tiny is the shipped copy)",
+    )
+    tiny.add_argument("--out", type=Path, help="a new directory to build into (default: the cache, built once)")
     tiny.add_argument("--seed", type=int, default=0)
 
     _add_eval_parser(sub)
@@ -100,26 +107,35 @@ def _cmd_config(args: argparse.Namespace) -> int:
     import json
 
     from speed_async.config import config_to_dict, field_docs
+    from speed_async.config.loader import explain_config
 
-    config = _load(args)
-    tree = config_to_dict(config)
     if not args.explain:
-        print(json.dumps(tree, indent=2))
+        print(json.dumps(config_to_dict(_load(args)), indent=2))
         return 0
+    config, origins = explain_config(args.config, args.overrides)
     docs = field_docs()
-    for section, values in tree.items():
+    for section, values in config_to_dict(config).items():
         print(f"[{section}]")
         for key, value in values.items():
-            print(f"  {key} = {json.dumps(value)}")
+            print(f"  {key} = {json.dumps(value)}    ({origins.get(f'{section}.{key}', 'default')})")
             print(f"      {docs.get(f'{section}.{key}', '')}")
     return 0
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from speed_async.tiny import build_tiny, ensure_tiny_model
+    from speed_async.tiny import store, warmstart
 
-    path = build_tiny(args.out, seed=args.seed) if args.out else ensure_tiny_model(seed=args.seed)
-    print(f"tiny model ready: {path}")
+    recipe = warmstart.resolve_recipe(args.seed, None, None)
+    path = warmstart.build_tiny(args.out, recipe=recipe) if args.out else store.build_cached(recipe=recipe)
+    print(f"tiny model built from its recipe: {path}")
+    if recipe.digest() == store.read_manifest()["recipe_digest"]:
+        differ = store.compare_with_shipped(path)
+        print(
+            f"it differs from the shipped model (builtin:tiny) in {', '.join(differ)}: this CPU's arithmetic is "
+            "not the build machine's; set model.path to use it"
+            if differ
+            else "the same bytes as the shipped model (builtin:tiny)"
+        )
     return 0
 
 

@@ -8,36 +8,35 @@ can reach in minutes.
 Prompt format (what the sampler must feed, `render_prompt(..., chat_template=False)`):
 ``problem + INSTRUCTION_SUFFIX`` tokenized on its own, then the response tokens, then ``<|endoftext|>``.
 
-``ensure_tiny_model()`` returns ``<cache>/tiny-<recipe hash>``, building it once: into a temporary
-directory that is renamed into place, under an fcntl lock, so a crash leaves no half model and concurrent
-callers build it once.
+The package ships the model this recipe built on an AVX2 machine (speed_async.tiny.store): that copy is
+what `builtin:tiny` resolves to. ``store.build_cached()`` builds a recipe into ``<cache>/tiny-<recipe hash>``
+once: into a temporary directory that is renamed into place, under an fcntl lock, so a crash leaves no half
+model and concurrent callers build it once.
 
 The warm start runs in a process of its own with ATen's vectorised kernels and MKL pinned to AVX2
 (`pinned_numerics`), so that x86-64 machines with and without AVX-512 compute the same floats. Unpinned, 400
 steps amplify the last-bit differences of AVX-512 kernels into another model (measured: 0.47 instead of 0.64
 sampled accuracy); pinned, an AVX-512 machine built exactly the model (same held-out numbers and histogram)
-that earlier sessions' machines had built.
+that earlier sessions' machines had built. The pin does not cover every CPU: a machine with AVX-512-FP16 and
+AMX built another model under it (0.671 / 0.850), which is why the built bytes are shipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import platform
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
@@ -134,11 +133,6 @@ def set_cpu_threads() -> int:
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
     return cores
-
-
-def default_cache_dir() -> Path:
-    """``$SPEED_ASYNC_CACHE`` if set, else ``~/.cache/speed_async``."""
-    return Path(os.environ.get("SPEED_ASYNC_CACHE") or Path.home() / ".cache" / "speed_async")
 
 
 def prompt_text(problem: str) -> str:
@@ -277,7 +271,8 @@ def evaluate(
     )
 
 
-def _resolve_recipe(seed: int, steps: int | None, recipe: TinyRecipe | None) -> TinyRecipe:
+def resolve_recipe(seed: int, steps: int | None, recipe: TinyRecipe | None) -> TinyRecipe:
+    """`recipe` (default `TinyRecipe()`) with `seed` and, if given, `steps` replaced."""
     recipe = recipe or TinyRecipe()
     return dataclasses.replace(recipe, seed=seed, steps=recipe.steps if steps is None else steps)
 
@@ -289,7 +284,7 @@ def build_tiny(out_dir: Path, *, seed: int = 0, steps: int | None = None, recipe
     Writes tokenizer.json, tokenizer_config.json, config.json, generation_config.json, model.safetensors
     (float32) and build_info.json (recipe, build seconds, parameters, held-out evaluation).
     """
-    recipe = _resolve_recipe(seed, steps, recipe)
+    recipe = resolve_recipe(seed, steps, recipe)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"out_dir={str(out_dir)!r} is not empty; build_tiny needs a new or empty directory")
@@ -352,56 +347,6 @@ def _build_in_subprocess(out_dir: Path, recipe: TinyRecipe, pins: dict[str, str]
 def recipe_from_dict(values: dict[str, Any]) -> TinyRecipe:
     """Inverse of ``dataclasses.asdict(recipe)``."""
     return TinyRecipe(**{**values, "model": TinyModelSpec(**values["model"])})
-
-
-def ensure_tiny_model(
-    cache_dir: Path | None = None,
-    seed: int = 0,
-    *,
-    steps: int | None = None,
-    recipe: TinyRecipe | None = None,
-    lock_timeout_s: float = 1800.0,
-) -> Path:
-    """The cached model directory ``<cache>/tiny-<recipe digest>``, built first if it is missing.
-
-    `cache_dir` defaults to `default_cache_dir()`. Safe against crashes (temporary directory renamed into
-    place) and against concurrent callers (an fcntl lock per recipe: a caller waits up to `lock_timeout_s`
-    for another one's build, then raises TimeoutError naming the lock file).
-    """
-    recipe = _resolve_recipe(seed, steps, recipe)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache / f"tiny-{recipe.digest()}"
-    if (final / "build_info.json").is_file():
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
-    lock_path = cache / f"tiny-{recipe.digest()}.lock"
-    with open(lock_path, "w") as lock:
-        _lock(lock, lock_path, lock_timeout_s)
-        if (final / "build_info.json").is_file():
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tiny-{recipe.digest()}-", dir=cache))
-        try:
-            build_tiny(tmp, recipe=recipe, seed=recipe.seed)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _lock(lock: IO[str], path: Path, timeout_s: float) -> None:
-    """Take the exclusive fcntl lock on `lock`, polling; TimeoutError naming `path` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"another process has held {path} for over {timeout_s:.0f} s: it builds the tiny model there "
-                    "(or hangs doing so; the lock goes when that process ends)"
-                ) from None
-            time.sleep(0.5)
 
 
 if __name__ == "__main__":

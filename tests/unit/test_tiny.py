@@ -1,19 +1,99 @@
-"""The tiny default model: tokenizer round trip, model build and forward pass, warm-start build and cache."""
+"""The tiny default model: the shipped copy (checked by digest), tokenizer round trip, model build and forward
+pass, warm-start build (pinned, a few steps) and cache."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from speed_async.tiny import warmstart
+from speed_async.cli import main
+from speed_async.tiny import store, warmstart
 from speed_async.tiny.model import TinyModelSpec, build_model, num_parameters, padded_vocab_size, tiny_config
+from speed_async.tiny.store import SHIPPED_DIR, ensure_tiny_model
 from speed_async.tiny.tokenizer import EOS_TOKEN, SPECIAL_TOKENS, task_corpus, train_tokenizer
-from speed_async.tiny.warmstart import TinyRecipe, ensure_tiny_model, extract_boxed
+from speed_async.tiny.warmstart import TinyRecipe, extract_boxed
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---- the shipped model ----------------------------------------------------------------------------------------
+def test_builtin_tiny_is_the_shipped_model_of_the_default_recipe(tmp_path: Path) -> None:
+    assert ensure_tiny_model() == SHIPPED_DIR == store.shipped_model_dir()
+    assert ensure_tiny_model(tmp_path, recipe=TinyRecipe()) == SHIPPED_DIR and not any(tmp_path.iterdir())
+    manifest = store.read_manifest()
+    assert manifest["recipe_digest"] == TinyRecipe().digest(), "the shipped model must be the current recipe's"
+    assert sorted(manifest["files"]) == sorted(p.name for p in SHIPPED_DIR.iterdir())
+    info = json.loads((SHIPPED_DIR / "build_info.json").read_text())
+    assert info["recipe_digest"] == TinyRecipe().digest() and info["numerics"]["cpu_capability"] == "AVX2"
+    # The README's model: 0.641 / 0.815 on 200 held-out prompts, and its pass-count histogram.
+    assert (round(info["eval"]["sampled_accuracy"], 3), info["eval"]["greedy_accuracy"]) == (0.641, 0.815)
+    assert info["eval"]["pass_histogram"] == [26, 8, 18, 5, 16, 10, 25, 33, 59]
+    tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_DIR))
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED_DIR))
+    assert model.dtype == torch.float32 and model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert num_parameters(model) == info["num_parameters"] == 1263872
+
+
+def test_the_package_data_ships_every_file_of_the_model() -> None:
+    # What a regular (non-editable) install copies: pyproject's package-data globs must cover the model.
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["speed_async"]
+    package = REPO / "speed_async"
+    shipped = {p.relative_to(package).as_posix() for p in SHIPPED_DIR.iterdir()} | {"tiny/manifest.json"}
+    covered = {p.relative_to(package).as_posix() for g in globs for p in package.glob(g)}
+    assert shipped <= covered, sorted(shipped - covered)
+
+
+def test_a_damaged_shipped_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(SHIPPED_DIR, copy)
+    store.verify_model_dir(copy, store.read_manifest())
+    assert store.compare_with_shipped(copy) == []
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # one bit of one weight
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(ValueError, match=r"model\.safetensors has sha256 [0-9a-f]{64}, the manifest .* says") as err:
+        store.verify_model_dir(copy, store.read_manifest())
+    assert "make-tiny --out DIR" in str(err.value) and "git checkout speed_async/tiny/model_files" in str(err.value)
+    assert store.compare_with_shipped(copy) == ["model.safetensors"]
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"tokenizer\.json is missing"):
+        store.verify_model_dir(copy, {"files": {"tokenizer.json": "0" * 64}})
+
+
+def test_make_tiny_rebuilds_from_the_recipe_and_compares_with_the_shipped_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    builds: list[tuple[Path, TinyRecipe]] = []
+
+    def fake_build(out_dir: Path, *, recipe: TinyRecipe, **kwargs: object) -> Path:  # stands in for 2 minutes
+        builds.append((out_dir, recipe))
+        shutil.copytree(SHIPPED_DIR, out_dir, dirs_exist_ok=True)
+        return out_dir
+
+    monkeypatch.setattr(warmstart, "build_tiny", fake_build)
+    assert main(["make-tiny", "--out", str(tmp_path / "same")]) == 0
+    assert builds == [(tmp_path / "same", TinyRecipe())]
+    assert "the same bytes as the shipped model" in capsys.readouterr().out
+    monkeypatch.setenv("SPEED_ASYNC_CACHE", str(tmp_path / "cache"))
+
+    def other_build(out_dir: Path, **kwargs: object) -> Path:
+        fake_build(out_dir, **kwargs)
+        (out_dir / "model.safetensors").write_bytes(b"other weights")
+        return out_dir
+
+    monkeypatch.setattr(warmstart, "build_tiny", other_build)
+    assert main(["make-tiny"]) == 0  # into the cache
+    out = capsys.readouterr().out
+    assert f"tiny-{TinyRecipe().digest()}" in out and "differs from the shipped model" in out
+    assert "in model.safetensors:" in out
+
 
 # A recipe small enough to build in a few seconds: 2 optimizer steps, 2 held-out prompts x 2 samples.
 SMALL = TinyRecipe(
@@ -195,9 +275,9 @@ def test_ensure_tiny_model_leaves_nothing_after_a_crash(tmp_path: Path, monkeypa
 
 def test_default_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPEED_ASYNC_CACHE", str(tmp_path))
-    assert warmstart.default_cache_dir() == tmp_path
+    assert store.default_cache_dir() == tmp_path
     monkeypatch.delenv("SPEED_ASYNC_CACHE")
-    assert warmstart.default_cache_dir() == Path.home() / ".cache" / "speed_async"
+    assert store.default_cache_dir() == Path.home() / ".cache" / "speed_async"
 
 
 def test_waiting_for_another_builder_times_out_naming_the_lock(tmp_path: Path) -> None:
