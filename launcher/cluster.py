@@ -10,7 +10,10 @@ Global ranks 0 .. L-1 (L = cluster.num_learner_ranks) are the learner's FSDP ran
 rendezvous store, so no shared filesystem is needed: rank 0 resolves the config and the run directory and
 publishes them; the learner ranks form their own process group of L ranks on a prefix of that store; learner
 rank 0 publishes its socket endpoints there and every sampler waits for them (bounded). torchrun supervises
-the workers; a worker that fails logs its role and error first, and torchrun reports its exit code.
+the workers; a worker that fails logs its role and error first, and torchrun reports its exit code. A worker
+dies with its torchrun agent (speed_async.lifetime: a parent-death signal set at start-up, and a guard that
+takes the worker's process group with it), and rank 0 holds the run directory's lock (speed_async.rundir)
+for the run's life.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from speed_async.config import Config, config_from_dict, config_to_dict, write_resolved_config
+from speed_async.lifetime import die_with_the_run
+from speed_async.rundir import RunDirLock, take_run_dir
 
 KEY_CONFIG = "speed_async/config"
 KEY_RUN_DIR = "speed_async/run_dir"
@@ -104,6 +109,7 @@ def run_worker(config: Config, resume: bool = False) -> int:
     node must see, e.g. on a shared filesystem)."""
     from launcher.train import check_resumable, make_run_dir, resolve_model
 
+    die_with_the_run()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     role = assign_role(rank, world, config.cluster.num_learner_ranks)
@@ -114,11 +120,15 @@ def run_worker(config: Config, resume: bool = False) -> int:
     )
     log = logging.getLogger("speed_async.cluster")
     timeout = config.pipeline.sync_timeout_s
+    lock: RunDirLock | None = None
     try:
         store = _store(timeout)
         if rank == 0:
             config = cluster_config(config, world)
             run_dir = make_run_dir(config)
+            lock, note = take_run_dir(run_dir, "resume" if resume else "train")
+            if note:
+                print(f"speed-async: {note}", file=sys.stderr, flush=True)
             if resume:
                 check_resumable(config, run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +158,9 @@ def run_worker(config: Config, resume: bool = False) -> int:
                 flush=True,
             )
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _run_learner(config: Config, role: WorkerRole, store, run_dir: Path, model: str, resume: bool) -> int:

@@ -1,7 +1,11 @@
-"""What a finished run prints: where its results are, accuracy before/after, and a plot."""
+"""What the launcher prints about a run: a failed role's own error, and for a finished run where its results
+are, accuracy before/after, and a plot."""
 
 from __future__ import annotations
 
+import contextlib
+import re
+import signal
 from pathlib import Path
 
 from launcher.plot import plot_runs
@@ -35,3 +39,82 @@ def final_report(run_dir: Path) -> str:
     lines.append(f"  metrics: {run_dir / 'metrics.jsonl'}  ledger: {run_dir / 'ledger.jsonl'}")
     lines.append(f"  final model (HF format): {run_dir / 'final_model'}")
     return "\n".join(lines)
+
+
+# ---- a failed role ------------------------------------------------------------------------------------------
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)?\d+\]:")
+"""torchrun's per-rank line prefix (`[rank0]:`), when it adds one."""
+_NOT_A_CONTINUATION = re.compile(
+    r"^(Traceback \(most recent call last\):|During handling of the above|The above exception was|"
+    r"[EWIF]\d{4} \d\d:\d\d|\d{4}-\d\d-\d\d[ T]\d\d:\d\d|=+$|speed-async: )"
+)
+"""Lines that end an exception's message: a new traceback, a glog line (torchrun's), a logging record, a
+banner, the launcher's own lines."""
+_BANNER_ERRORS = ("ChildFailedError",)
+"""Exceptions that only report another process's failure (torchrun's banner): never a role's own error."""
+MAX_ERROR_LINES = 8
+
+
+def _exceptions(lines: list[str]) -> list[list[str]]:
+    """The exception line(s) that end each traceback in `lines` (a message may span several lines)."""
+    found = []
+    i = 0
+    while i < len(lines):
+        if not lines[i].startswith("Traceback (most recent call last):"):
+            i += 1
+            continue
+        i += 1
+        while i < len(lines) and (lines[i].startswith((" ", "\t")) or not lines[i].strip()):
+            i += 1
+        block = []
+        while i < len(lines) and lines[i].strip() and len(block) < MAX_ERROR_LINES:
+            if block and _NOT_A_CONTINUATION.match(lines[i]):
+                break
+            block.append(lines[i].rstrip())
+            i += 1
+        if block:
+            found.append(block)
+    return found
+
+
+def role_errors(log_path: Path, offset: int = 0) -> list[str]:
+    """A role's own account of why it failed, from its log after byte `offset` (where this process started
+    writing): its logged ERROR records (the last three) and the exception of its last traceback, torchrun's
+    ChildFailedError report left out. Empty when the log holds neither (e.g. the process was killed)."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    lines = [_RANK_PREFIX.sub("", line, count=1).removeprefix(" ") for line in text.splitlines()]
+    logged = [line.rstrip() for line in lines if " ERROR: " in line or " CRITICAL: " in line][-3:]
+    raised = [block for block in _exceptions(lines) if not any(b in block[0] for b in _BANNER_ERRORS)]
+    last = raised[-1] if raised else []
+    if last and any(last[0].split(": ", 1)[-1][:80] in line for line in logged):
+        last = []  # the role logged this error already
+    return logged + last
+
+
+def describe_exit(code: int) -> str:
+    """`exited with code 1`, or `was killed by SIGKILL (exit code -9)`."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+def failure_report(role: str, pid: int, code: int, log_path: Path, offset: int = 0) -> str:
+    """What the launcher prints when a role's process fails: role, PID and exit code, the role's own error
+    lines (or, without any, the last lines of its log), then the log's path."""
+    errors = role_errors(log_path, offset)
+    head = f"speed-async: {role} (pid {pid}) {describe_exit(code)}"
+    if errors:
+        body = "; its error:\n" + "\n".join(f"    {line}" for line in errors)
+    else:
+        try:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+        except OSError:
+            tail = []
+        body = "; no error in its log" + ("; its last lines:\n" + "\n".join(f"    {t}" for t in tail) if tail else "")
+    return f"{head}{body}\n  log: {log_path}"

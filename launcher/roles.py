@@ -1,13 +1,15 @@
-"""Role entry points, one per process: `python -m launcher.roles learner|sampler --run-dir DIR ...`.
+"""Role entry points, one per process: `python -m launcher.roles learner|sampler --run-dir DIR ...`, and the
+command lines the single-machine launcher starts them with (`role_commands`).
 
 The learner role runs under torchrun (every rank); samplers are plain processes. Both read the run's
-resolved config, so every process of a run uses the same settings.
+resolved config, so every process of a run uses the same settings. Started by the launcher, a role first ties
+its life to it (speed_async.lifetime.die_with_the_run): it dies when its parent does (the launcher, or for a
+learner rank its torchrun agent, whose parent must be the launcher), and its process group goes with it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -16,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from speed_async.config import Config, config_from_dict
+from speed_async.lifetime import die_with_the_run
+from speed_async.rundir import read_json, write_json
 
 ENDPOINTS_FILE = "endpoints.json"
 EXIT_LEARNER_UNRESPONSIVE = 3
@@ -23,20 +27,72 @@ EXIT_LEARNER_UNRESPONSIVE = 3
 restarting the sampler."""
 
 
+def cpu_plan(config: Config) -> tuple[list[str], list[str]]:
+    """Cores for the learner and for each sampler on a CPU machine: dedicated cores when there are enough
+    (like dedicated GPUs), otherwise everything shared."""
+    cores = sorted(os.sched_getaffinity(0))
+    learners, samplers = config.cluster.num_learner_ranks, config.cluster.num_samplers
+    if len(cores) < learners + samplers:
+        shared = ",".join(map(str, cores))
+        return [shared], [shared] * samplers
+    per_sampler = max(1, (len(cores) - learners) // samplers)
+    learner_cores = ",".join(map(str, cores[:learners]))
+    rest = cores[learners:]
+    sampler_cores = [",".join(map(str, rest[i * per_sampler : (i + 1) * per_sampler])) for i in range(samplers)]
+    return [learner_cores], sampler_cores
+
+
+def role_commands(
+    config: Config, run_dir: Path, model: str, resume: bool = False
+) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(role, argv, extra env) of every process of a single-machine run (`resume`: the learner continues
+    from the run's newest checkpoint)."""
+    on_cpu = config.cluster.device == "cpu" or (config.cluster.device == "auto" and not _has_cuda())
+    learner_cores, sampler_cores = cpu_plan(config) if on_cpu else ([""], [""] * config.cluster.num_samplers)
+    py = sys.executable
+    learner = [
+        py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.cluster.num_learner_ranks}",
+        "-m", "launcher.roles", "learner", "--run-dir", str(run_dir), "--model", model,
+    ]  # fmt: skip
+    if learner_cores[0]:
+        learner += ["--cpus", learner_cores[0]]
+    if resume:
+        learner.append("--resume")
+    cmds: list[tuple[str, list[str], dict[str, str]]] = [("learner", learner, {"OMP_NUM_THREADS": "1"})]
+    for i in range(config.cluster.num_samplers):
+        argv = [py, "-m", "launcher.roles", "sampler", "--run-dir", str(run_dir), "--model", model]
+        argv += ["--sampler-id", str(i)]
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if sampler_cores[i]:
+            argv += ["--cpus", sampler_cores[i]]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = sampler_cores[i]
+        cmds.append((f"sampler[{i}]", argv, env))
+    return cmds
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _config(run_dir: Path) -> Config:
     path = run_dir / "resolved_config.json"
-    return config_from_dict(json.loads(path.read_text()), origin=str(path))
+    return config_from_dict(read_json(path, "the launcher writes it before starting any role"), origin=str(path))
 
 
 def wait_for_endpoints(run_dir: Path, timeout_s: float) -> dict:
-    """The learner's socket endpoints, written by learner rank 0 once it has bound them."""
+    """The learner's socket endpoints, written (atomically) by learner rank 0 once it has bound them."""
     path = run_dir / ENDPOINTS_FILE
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:
             raise TimeoutError(f"the learner did not publish its endpoints ({path}) within {timeout_s:.0f} s")
         time.sleep(0.1)
-    return json.loads(path.read_text())
+    found = read_json(path, "learner rank 0 writes it; was it written by something else?")
+    if not isinstance(found, dict):
+        raise ValueError(f"{path} is not a JSON object of endpoints; learner rank 0 writes it")
+    return found
 
 
 def _pin_cpus(cores: str | None) -> None:
@@ -46,6 +102,7 @@ def _pin_cpus(cores: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the role's command line and run it."""
+    die_with_the_run()
     parser = argparse.ArgumentParser(prog="launcher.roles")
     parser.add_argument("role", choices=["learner", "sampler"])
     parser.add_argument("--run-dir", type=Path, required=True)
@@ -111,7 +168,7 @@ def run_sampler(
     try:
         reason = loop.run()
         log.info("stopping: %s; stats %s", reason, loop.stats)
-        (run_dir / f"sampler-{sampler_id}.json").write_text(json.dumps(loop.stats))
+        write_json(run_dir / f"sampler-{sampler_id}.json", loop.stats)
     except LearnerUnresponsive as err:
         log.error("%s", err)
         return EXIT_LEARNER_UNRESPONSIVE

@@ -1,13 +1,13 @@
 """One sampler process against endpoints the caller serves: for benchmarks and tests that play the dispatcher.
 
 The process is the real `launcher.roles sampler` role (its own vLLM engine), started in its own process group
-so that the caller can end it by PID; its output goes to run_dir/sampler-<id>.log.
+so that the caller can end it by PID; its output goes to run_dir/sampler-<id>.log. Like a launcher's role it
+dies with the process that started it (speed_async.lifetime), so start it from the caller's main thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from speed_async.config import Config, write_resolved_config
+from speed_async.lifetime import LAUNCHER_PID_ENV, preexec_die_with_parent
+from speed_async.rundir import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,11 +39,19 @@ def start_sampler(config: Config, run_dir: Path, model: Path, sampler_id: int, e
     """Start sampler `sampler_id` connected to `endpoints` ({"work": ..., "results": ...})."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, run_dir)
-    (run_dir / "endpoints.json").write_text(json.dumps(endpoints))
+    write_json(run_dir / "endpoints.json", endpoints)
     log = (run_dir / f"sampler-{sampler_id}.log").open("wb")
     argv = [sys.executable, "-m", "launcher.roles", "sampler", "--run-dir", str(run_dir), "--model", str(model)]
     argv += ["--sampler-id", str(sampler_id)]
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=role_env(), start_new_session=True)
+    env = {**role_env(), LAUNCHER_PID_ENV: str(os.getpid())}
+    return subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=preexec_die_with_parent(),  # takes no lock in the child: see speed_async/lifetime.py
+    )
 
 
 def kill_group(proc: subprocess.Popen, sig: signal.Signals = signal.SIGKILL) -> None:

@@ -2,19 +2,22 @@
 
 Processes are tracked and ended by PID (their own process groups, listed in run_dir/pids.json together with
 the learner's rank-0 worker, which torchrun starts in a process group of its own), never by name.
-- The learner exits: with an error, it is reported (role, exit code, the end of its log) and the samplers are
-  stopped; with success, the samplers (already told to stop) get a moment to exit on their own.
+- The learner exits: with an error, it is reported (role, exit code, its own error lines, its log) and the
+  samplers are stopped; with success, the samplers (already told to stop) get a moment to exit on their own.
 - A sampler exits with an error (killed, crashed): it is reported with its role and exit code and started
   again under the same sampler id (it rejoins the run and gets the current weights before any work), at most
   cluster.max_sampler_restarts times per sampler. One more failure stops the run: the launcher asks the
   learner to stop (run_dir/stop_request), which writes a checkpoint and exits; then everything is stopped.
 - A sampler that exits with status 3 found the learner unresponsive: the run is stopped, nothing restarted.
 Stopping sends SIGTERM (and SIGCONT, so that a stopped process can act on it), then SIGKILL after a grace.
+Every process dies with the launcher, whatever ends it (speed_async.lifetime): its children are started from
+the main thread with a parent-death signal, and each role guards its own process group. The run directory is
+the run's alone while it lives (speed_async.rundir: an fcntl lock, taken before anything else is done there),
+and data and config errors that need no process are found before any starts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -26,14 +29,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from launcher.report import failure_report
+from launcher.roles import role_commands
 from speed_async.config import Config, config_from_dict, config_to_dict, write_resolved_config
 from speed_async.config.loader import parse_override
+from speed_async.lifetime import LAUNCHER_PID_ENV, exists, preexec_die_with_parent, signal_group
+from speed_async.rundir import RunDirLock, read_json, take_run_dir, write_json, write_text
 
 STOP_GRACE_S = 20.0
 SAMPLER_EXIT_WAIT_S = 30.0
 """After the learner finished (and told the samplers to stop), how long the samplers may take to end their
 generation call and exit on their own, writing their stats, before they are signalled."""
 STOP_FILE = "stop_request"  # speed_async.learner.main.STOP_FILE (not imported: it would pull in torch)
+PREVIOUS_RUN_EXIT_WAIT_S = 15.0
+"""After taking over the lock of a killed run, how long its processes (pids.json) may take to die with it."""
 EXIT_LEARNER_UNRESPONSIVE = 3  # launcher.roles.EXIT_LEARNER_UNRESPONSIVE
 
 
@@ -49,6 +58,8 @@ class Child:
     restarts: int = 0
     given_up: bool = False
     """Failed once more than allowed: reported and no longer watched."""
+    log_offset: int = 0
+    """Size of the log when this process started (its own lines follow)."""
 
 
 def free_port() -> int:
@@ -76,21 +87,6 @@ def make_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.trainer.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def cpu_plan(config: Config) -> tuple[list[str], list[str]]:
-    """Cores for the learner and for each sampler on a CPU machine: dedicated cores when there are enough
-    (like dedicated GPUs), otherwise everything shared."""
-    cores = sorted(os.sched_getaffinity(0))
-    learners, samplers = config.cluster.num_learner_ranks, config.cluster.num_samplers
-    if len(cores) < learners + samplers:
-        shared = ",".join(map(str, cores))
-        return [shared], [shared] * samplers
-    per_sampler = max(1, (len(cores) - learners) // samplers)
-    learner_cores = ",".join(map(str, cores[:learners]))
-    rest = cores[learners:]
-    sampler_cores = [",".join(map(str, rest[i * per_sampler : (i + 1) * per_sampler])) for i in range(samplers)]
-    return [learner_cores], sampler_cores
-
-
 def resume_config(run_dir: Path, config_file: Path | None, overrides: list[str]) -> Config:
     """The config of `speed-async train --resume run_dir`: the run's resolved_config.json, where only
     trainer.total_steps may be overridden (raised); anything else is rejected with the key named."""
@@ -99,7 +95,10 @@ def resume_config(run_dir: Path, config_file: Path | None, overrides: list[str])
     path = run_dir / "resolved_config.json"
     if not path.is_file():
         raise ValueError(f"--resume {run_dir}: {path} does not exist (not a run directory)")
-    tree = config_to_dict(config_from_dict(json.loads(path.read_text()), origin=str(path)))
+    saved = read_json(
+        path, "the run directory is damaged; start a new run (its checkpoints cannot be resumed without it)"
+    )
+    tree = config_to_dict(config_from_dict(saved, origin=str(path)))
     for text in overrides:
         key, value = parse_override(text)
         if key != "trainer.total_steps":
@@ -135,42 +134,10 @@ def check_resumable(config: Config, run_dir: Path) -> int:
     return found[0]
 
 
-def role_commands(
-    config: Config, run_dir: Path, model: str, resume: bool = False
-) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(role, argv, extra env) of every process of a single-machine run (`resume`: the learner continues
-    from the run's newest checkpoint)."""
-    on_cpu = config.cluster.device == "cpu" or (config.cluster.device == "auto" and not _has_cuda())
-    learner_cores, sampler_cores = cpu_plan(config) if on_cpu else ([""], [""] * config.cluster.num_samplers)
-    py = sys.executable
-    learner = [
-        py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.cluster.num_learner_ranks}",
-        "-m", "launcher.roles", "learner", "--run-dir", str(run_dir), "--model", model,
-    ]  # fmt: skip
-    if learner_cores[0]:
-        learner += ["--cpus", learner_cores[0]]
-    if resume:
-        learner.append("--resume")
-    cmds: list[tuple[str, list[str], dict[str, str]]] = [("learner", learner, {"OMP_NUM_THREADS": "1"})]
-    for i in range(config.cluster.num_samplers):
-        argv = [py, "-m", "launcher.roles", "sampler", "--run-dir", str(run_dir), "--model", model]
-        argv += ["--sampler-id", str(i)]
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        if sampler_cores[i]:
-            argv += ["--cpus", sampler_cores[i]]
-            env["VLLM_CPU_OMP_THREADS_BIND"] = sampler_cores[i]
-        cmds.append((f"sampler[{i}]", argv, env))
-    return cmds
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _start(role: str, argv: list[str], extra_env: dict[str, str], run_dir: Path, restarts: int = 0) -> Child:
+    """Start a role process in a session of its own that dies with this process (call from the main thread)."""
     env = dict(os.environ)
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -179,17 +146,23 @@ def _start(role: str, argv: list[str], extra_env: dict[str, str], run_dir: Path,
     log_path = run_dir / "logs" / f"{role.replace('[', '-').replace(']', '')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = log_path.open("ab")
-    proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    offset = log_file.tell()
+    proc = subprocess.Popen(
+        argv,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=preexec_die_with_parent(),  # takes no lock in the child: see speed_async/lifetime.py
+    )
     log_file.close()
-    return Child(role, proc, log_path, argv, extra_env, restarts)
+    return Child(role, proc, log_path, argv, extra_env, restarts, log_offset=offset)
 
 
 def write_pids(run_dir: Path, children: list[Child], extra: dict[str, int] | None = None) -> None:
     """run_dir/pids.json: {role: pid} of the current processes (replaced atomically on every restart), plus
     `extra` (the learner's rank-0 worker, which torchrun starts in a process group of its own)."""
-    tmp = run_dir / "pids.json.tmp"
-    tmp.write_text(json.dumps({**{c.role: c.proc.pid for c in children}, **(extra or {})}))
-    tmp.replace(run_dir / "pids.json")
+    write_json(run_dir / "pids.json", {**{c.role: c.proc.pid for c in children}, **(extra or {})})
 
 
 def _learner_worker(run_dir: Path) -> dict[str, int]:
@@ -206,22 +179,22 @@ def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S, others: 
     `grace_s` (by PID only)."""
     for child in children:
         if child.proc.poll() is None:
-            _signal_group(child.proc.pid, signal.SIGTERM)
-            _signal_group(child.proc.pid, signal.SIGCONT)
+            signal_group(child.proc.pid, signal.SIGTERM)
+            signal_group(child.proc.pid, signal.SIGCONT)
     for pid in others or []:
-        _signal_group(pid, signal.SIGTERM)
-        _signal_group(pid, signal.SIGCONT)
+        signal_group(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
     for child in children:
         try:
             child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _signal_group(child.proc.pid, signal.SIGKILL)
+            signal_group(child.proc.pid, signal.SIGKILL)
             child.proc.wait(timeout=10)
     for pid in others or []:
-        while _exists(pid) and time.monotonic() < deadline:
+        while exists(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        _signal_group(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
 
 
 def wait_for_exit(children: list[Child], timeout_s: float, poll_s: float = 0.1) -> bool:
@@ -234,52 +207,9 @@ def wait_for_exit(children: list[Child], timeout_s: float, poll_s: float = 0.1) 
     return True
 
 
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-code).name} (exit code {code})"
-    return f"exited with code {code}"
-
-
-def _last_error(path: Path) -> str:
-    """The last ERROR line a role logged (its own account of why it failed), or ''."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return next((line for line in reversed(lines) if " ERROR: " in line), "")
-
-
 def _report(child: Child, code: int) -> None:
-    error = _last_error(child.log_path)
     print(
-        f"speed-async: {child.role} (pid {child.proc.pid}) {_describe_exit(code)}"
-        + (f"; its last error: {error}" if error else "")
-        + f"\nlast lines of {child.log_path}:\n{_tail(child.log_path)}",
-        file=sys.stderr,
-        flush=True,
+        failure_report(child.role, child.proc.pid, code, child.log_path, child.log_offset), file=sys.stderr, flush=True
     )
 
 
@@ -357,26 +287,74 @@ def supervise(
                 if run_dir is None:
                     stop_children(children)
                     return 1
-                (run_dir / STOP_FILE).write_text(stopping + "\n")
+                write_text(run_dir / STOP_FILE, stopping + "\n")
                 stop_deadline = time.monotonic() + stop_wait_s
             child.given_up = True
         time.sleep(poll_s)
 
 
+def check_data(config: Config, model: str) -> str:
+    """Load and encode the run's prompts as the learner will (its tokenizer, speed_async.data.prepare), so that
+    a bad row or an over-long prompt is an error (DataError, a ValueError) before any process starts. Returns a
+    line that says what was found."""
+    import logging
+
+    from speed_async.data.prepare import prepare_prompts
+
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.path = {model!r} is invalid: its tokenizer cannot be loaded ({err})") from None
+    quiet = logging.getLogger("speed_async.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the learner logs every skipped row; here only the counts are shown
+    try:
+        found = [(role, prepare_prompts(files, tokenizer, config.data)) for role, files in
+                 (("train", config.data.train_files), ("eval", config.data.eval_files)) if files]  # fmt: skip
+    finally:
+        quiet.setLevel(level)
+    counts = []
+    for role, prepared in found:
+        left_out = len(prepared.skipped_rows) + len(prepared.overlong)
+        counts.append(f"{len(prepared.prompts)} {role} prompts" + (f" ({left_out} skipped)" if left_out else ""))
+    return "data: " + ", ".join(counts)
+
+
 def run_train(config: Config, resume: bool = False) -> int:
     """Run a whole training job on this machine and return its exit status (`resume`: continue the run in
-    trainer.run_dir from its newest complete checkpoint, see `resume_config`)."""
+    trainer.run_dir from its newest complete checkpoint, see `resume_config`). The run directory is locked
+    first (a live run there is refused at once); the model and data are checked before any process starts."""
+    run_dir = make_run_dir(config)
+    command = "resume" if resume else "train"
+    lock = _take(run_dir, command) if resume or run_dir.exists() else None
+    try:
+        model = resolve_model(config.model.path)
+        from_step = check_resumable(config, run_dir) if resume else 0
+        found = check_data(config, model)
+        lock = lock or _take(run_dir, command)
+        resumed = f", resuming at step {from_step}" if resume else ""
+        print(f"speed-async: run directory {run_dir}  (model {model}{resumed}); {found}", flush=True)
+        return _run(config, run_dir, model, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _take(run_dir: Path, command: str) -> RunDirLock:
+    lock, note = take_run_dir(run_dir, command, previous_exit_wait_s=PREVIOUS_RUN_EXIT_WAIT_S)
+    if note:
+        print(f"speed-async: {note}", file=sys.stderr, flush=True)
+    return lock
+
+
+def _run(config: Config, run_dir: Path, model: str, resume: bool) -> int:
     from launcher.progress import Progress
 
-    model = resolve_model(config.model.path)
-    run_dir = make_run_dir(config)
-    from_step = check_resumable(config, run_dir) if resume else 0
-    run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("endpoints.json", STOP_FILE):
         (run_dir / stale).unlink(missing_ok=True)
     write_resolved_config(config, run_dir)
-    resumed = f", resuming at step {from_step}" if resume else ""
-    print(f"speed-async: run directory {run_dir}  (model {model}{resumed})", flush=True)
     commands = role_commands(config, run_dir, model, resume=resume)
     children = [_start(role, argv, env, run_dir) for role, argv, env in commands]
     write_pids(run_dir, children)
@@ -400,5 +378,8 @@ def run_train(config: Config, resume: bool = False) -> int:
     if status == 0:
         from launcher.report import final_report
 
-        print(final_report(run_dir), flush=True)
+        try:
+            print(final_report(run_dir), flush=True)
+        except ValueError as err:  # a damaged metrics.jsonl: the run itself finished
+            print(f"speed-async: no final report: {err}", file=sys.stderr, flush=True)
     return status

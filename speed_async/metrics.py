@@ -65,7 +65,31 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path, *, include_rolled_back: bool = False) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl, in order; records undone by a resume are left out unless asked."""
+    """The records of a run's metrics.jsonl, in order; records undone by a resume are left out unless asked.
+
+    Safe while the run writes: the file is read in one go (a resume replaces it whole, never in place), and a
+    last line without its newline is a record still being written, left for the next read. Any other line
+    that is not a JSON object is a ValueError naming the file and the line.
+    """
     path = Path(run_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            if number == len(lines):
+                break  # no newline yet: being written
+            raise ValueError(f"{path}, line {number}: not a JSON record ({err}); {_DAMAGED}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: not a JSON object; {_DAMAGED}")
+        records.append(record)
     return records if include_rolled_back else [r for r in records if not r.get("rolled_back")]
+
+
+_DAMAGED = (
+    "the file is damaged (the learner only appends whole lines and rewrites it atomically): remove or repair that "
+    "line to read the rest"
+)

@@ -243,10 +243,19 @@ def _write(path: Path, payload: Any) -> None:
     path.write_bytes(msgpack.packb(payload, use_bin_type=True))
 
 
+def _damaged(path: Path) -> str:
+    return (
+        f"the checkpoint {path.parent} is damaged; move it out of {path.parent.parent} to resume from the one before it"
+    )
+
+
 def _read(path: Path) -> Any:
     if not path.is_file():
-        raise ValueError(f"checkpoint file {path} is missing; the checkpoint is damaged")
-    return msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+        raise ValueError(f"checkpoint file {path} is missing: {_damaged(path)}")
+    try:
+        return msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as err:
+        raise ValueError(f"checkpoint file {path} cannot be read ({err}): {_damaged(path)}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -290,10 +299,13 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)  # an incomplete one from a rolled-back history
         os.rename(tmp, final)
-        with (final / COMPLETE).open("w") as f:
+        marker = final / f".{COMPLETE}.tmp"  # the marker appears whole or not at all
+        with marker.open("w") as f:
             f.write(json.dumps({"version": version, "world_size": world}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        os.replace(marker, final / COMPLETE)
+        _fsync_dir(final)
         _fsync_dir(root)
     return final
 
@@ -321,5 +333,14 @@ def load_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(_read(path / f"rng-{rank}.msgpack"))
-    head = unpack_head_state((path / "head.msgpack").read_bytes()) if rank == 0 else None
+    head = _read_head(path / "head.msgpack") if rank == 0 else None
     return int(trainer["version"]), head
+
+
+def _read_head(path: Path) -> HeadState:
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {path} is missing: {_damaged(path)}")
+    try:
+        return unpack_head_state(path.read_bytes())
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as err:
+        raise ValueError(f"checkpoint file {path} cannot be read ({err!r}): {_damaged(path)}") from None

@@ -1,7 +1,10 @@
-"""Kill -9 every process of a real run after its first checkpoint and `speed-async train --resume` it; in the
-resumed run SIGSTOP the only sampler, so that the learner reports it lost, waits pipeline.rejoin_timeout_s,
-writes a checkpoint and stops with an error naming it; resume again to the end, and check through the run
-directory that nothing was lost or repeated.
+"""Kill -9 the launcher of a real run alone, after its first checkpoint and at a moment that leaves lines to roll
+back: every process of the run (torchrun, its worker, the sampler, their guards and reward workers) must be
+gone 20 s later. `speed-async train --resume` it (taking over the dead run's lock, its progress bar reading
+through the resume's rewrite of metrics.jsonl); a second `--resume` while that one lives is refused at once,
+naming its PID. In the resumed run SIGSTOP the only sampler, so that the learner reports it lost, waits
+pipeline.rejoin_timeout_s, writes a checkpoint and stops with an error naming it; resume again to the end
+(exit 0), and check through the run directory that nothing was lost or repeated.
 
 Effective history = ledger / metrics lines not marked `rolled_back`. In it: exactly BATCH groups trained at
 every step 0..N-1, each (epoch, prompt) trained at most once, lag <= k; every dispatched prompt has at most one
@@ -44,7 +47,7 @@ def _argv(run_dir: Path, model: Path) -> list[str]:
         "trainer.save_every=2", f"pipeline.max_staleness={K}", f"data.train_batch_size={BATCH}",
         f"algorithm.mini_batch_size={BATCH // 2}", "rollout.n=4", "rollout.n_continue=4",
         "rollout.gen_batch_size=8", "rollout.max_response_length=48", "rollout.enforce_eager=true",
-        "trainer.eval_every=0", "logging.progress=false", "logging.wandb_mode=disabled",
+        "trainer.eval_every=0", "logging.progress=true", "logging.wandb_mode=disabled",
         f"pipeline.sampler_timeout_s={SAMPLER_TIMEOUT_S}", f"pipeline.rejoin_timeout_s={REJOIN_TIMEOUT_S}",
     ]  # fmt: skip
 
@@ -77,6 +80,54 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> str | None:
+    """/proc's start time of a running process (None when gone or a zombie): with the PID, its identity."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """{pid: start time} of every running process below `root` (by /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if (started := _start_time(pid)) is not None:
+            found[pid] = started
+        todo += children.get(pid, [])
+    return found
+
+
+def _kill_the_launcher_alone(launcher: subprocess.Popen, run_dir: Path) -> None:
+    """With every process of the run frozen: SIGKILL the launcher only, let the others run again, and check
+    that each of them is gone within 20 s (they die with it; nothing here kills them, unless the check fails)."""
+    processes = _descendants(launcher.pid)
+    pids = json.loads((run_dir / "pids.json").read_text())
+    assert {pids["learner"], pids["sampler[0]"], pids["learner[0]"]} <= set(processes), (pids, processes)
+    assert len(processes) >= 5, f"torchrun, its worker, the sampler and their guards at least: {processes}"
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(timeout=30)
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while (alive := [p for p, t in processes.items() if _start_time(p) == t]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:  # leave nothing behind, then fail
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not alive, f"processes of the run still alive 20 s after the launcher's SIGKILL: {alive}"
+
+
 def _steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -99,6 +150,15 @@ def _stop_the_only_sampler(tmp_path: Path, run_dir: Path, resumed_from: int) -> 
     started = time.time()
     deadline = time.monotonic() + 300
     try:
+        while json.loads((run_dir / ".lock").read_text().split("\n")[0])["pid"] != second.pid:  # resume has the lock
+            assert second.poll() is None, f"second run ended early: {(tmp_path / 'second.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the resumed run did not take the run directory's lock"
+            time.sleep(0.1)
+        # One owner per run directory: another resume of it is refused at once, naming the live one.
+        t0 = time.monotonic()
+        third = subprocess.run(argv, env=role_env(), capture_output=True, text=True, timeout=60, check=False)
+        assert third.returncode == 2 and f"in use by a live run: pid {second.pid} on host" in third.stderr, third
+        assert time.monotonic() - t0 < 20, "refused at once (not after loading anything)"
         while not any(e["event"] == "trained" and e["t"] >= started for e in read_ledger(run_dir)):
             assert second.poll() is None, f"second run ended early: {(tmp_path / 'second.log').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no step of the resumed run within 300 s"
@@ -118,6 +178,8 @@ def _stop_the_only_sampler(tmp_path: Path, run_dir: Path, resumed_from: int) -> 
             _kill_everything(second, run_dir)
     out = (tmp_path / "second.log").read_text(errors="replace")
     assert code == 1, f"the launcher reports the stopped run:\n{out[-3000:]}"
+    assert "took over the lock of" in out and "which ended without releasing it" in out, out[-3000:]
+    assert "Expecting value" not in out, "the progress bar reads through the resume's rewrite of metrics.jsonl"
     events = [json.loads(line) for line in (run_dir / "samplers.jsonl").read_text().splitlines()]
     lost = [e for e in events if e["event"] == "lost" and e["pid"] == sampler]
     assert len(lost) == 1 and "silent for" in lost[0]["reason"] and "last heartbeat said" in lost[0]["reason"], lost
@@ -154,8 +216,10 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny_model_di
             assert first.poll() is None, f"first run ended early: {(tmp_path / 'first.log').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no step past the first checkpoint within 300 s"
             time.sleep(0.2)
+        _kill_the_launcher_alone(first, run_dir)
     finally:
-        _kill_everything(first, run_dir)
+        if first.poll() is None:
+            _kill_everything(first, run_dir)
     restored = latest_checkpoint(run_dir)
     assert restored is not None
     killed_at = max(_steps(run_dir))

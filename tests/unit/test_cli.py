@@ -1,14 +1,18 @@
-"""The `speed-async` command line: answers fast (no torch import), and config errors are one clear line."""
+"""The `speed-async` command line: answers fast (no torch import), config errors are one clear line, each
+value's layer is explained, and data errors are found before any process starts."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from speed_async.cli import main
+
+TINY_CPU = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.toml"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,3 +50,22 @@ def test_a_bad_override_is_one_line_and_exit_2() -> None:
         "speed-async train: error: rollout.n_continue = 0 is invalid: must be >= 1 with curriculum.mode = 'speed' "
         "(set curriculum.mode = 'none' for plain groups)"
     ]
+
+
+def test_config_explain_names_the_layer_of_each_value(capsys: pytest.CaptureFixture[str]) -> None:
+    # The file says curriculum.mode = "speed"; the command line's switch overrides it (it used to be refused).
+    assert main(["config", "--config", str(TINY_CPU), "--explain", "curriculum.enable=false"]) == 0
+    out = capsys.readouterr().out
+    assert 'mode = "none"    (command line, as curriculum.enable)' in out
+    assert f"train_batch_size = 16    ({TINY_CPU})" in out and f"max_staleness = 1    ({TINY_CPU})" in out
+    assert "sync_timeout_s = 120.0    (default)" in out
+
+
+def test_train_finds_an_overlong_prompt_before_starting_any_process(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _run("train", "--config", str(TINY_CPU), "data.max_prompt_length=8", f"trainer.run_dir={run_dir}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("speed-async train: error: arithmetic/train/seed0, row 0, "), lines
+    assert "field 'prompt'" in lines[0] and "data.max_prompt_length" in lines[0]
+    assert not run_dir.exists(), "nothing was started, nothing written"

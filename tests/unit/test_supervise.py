@@ -3,7 +3,9 @@
 A failed sampler is reported (role, exit code or signal) and restarted under the same role up to
 cluster.max_sampler_restarts times, pids.json following each restart; one failure more asks the learner to
 checkpoint and stop (run_dir/stop_request) and the run ends with status 1. A sampler that found the learner
-unresponsive (status 3) stops the run at once. Stopping also ends stopped (SIGSTOP) processes.
+unresponsive (status 3) stops the run at once. Stopping also ends stopped (SIGSTOP) processes. A failed role is
+reported with its own error lines (a logged ERROR, the exception of its traceback; torchrun's ChildFailedError
+banner stays in the log) and its log's path.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def test_a_failing_sampler_is_restarted_then_the_run_stops_with_a_checkpoint_req
     assert "(restart 2 of cluster.max_sampler_restarts = 2)" in err
     assert "sampler[0] failed 3 times (cluster.max_sampler_restarts = 2)" in err
     assert (tmp_path / STOP_FILE).read_text().startswith("sampler[0] failed 3 times")
-    assert "its last error: learner ERROR: stopped on request" in err
+    assert "; its error:\n    learner ERROR: stopped on request: sampler[0] failed 3 times" in err
+    assert f"  log: {tmp_path / 'logs' / 'learner.log'}" in err
     pids = json.loads((tmp_path / "pids.json").read_text())
     assert pids["sampler[0]"] == children[1].proc.pid != first, "pids.json names the newest process"
     assert children[1].restarts == 2
@@ -71,7 +74,7 @@ def test_a_killed_sampler_is_reported_with_its_signal_and_restarted(
         "import os, pathlib, signal, time\n"
         f"first, second = pathlib.Path({str(first)!r}), pathlib.Path({str(second)!r})\n"
         "if not first.exists():\n    first.touch(); os.kill(os.getpid(), signal.SIGKILL)\n"
-        "second.touch(); time.sleep(60)\n"
+        "second.touch(); time.sleep(2)\n"  # then ends on its own, as one told to stop does
     )
     learner = f"import pathlib, time\nwhile not pathlib.Path({str(second)!r}).exists(): time.sleep(0.05)\n"
     children = [
@@ -129,3 +132,56 @@ def test_pids_file_is_replaced_atomically(tmp_path: Path) -> None:
     write_pids(tmp_path, [Child("learner", proc, tmp_path / "x.log")])
     assert json.loads((tmp_path / "pids.json").read_text()) == {"learner": proc.pid}
     assert not (tmp_path / "pids.json.tmp").exists()
+
+
+# What a learner under torchrun leaves in its log when its data is bad: its own traceback, then torchrun's.
+TORCHRUN_FAILURE = """
+2026-12-03 12:41:38,652 learner[0] speed_async.learner INFO: loading data
+Traceback (most recent call last):
+  File "launcher/roles.py", line 5, in <module>
+    raise DataError("x")
+speed_async.data.sources.DataError: data.jsonl, row 3, field 'prompt': prompt has 200 tokens,
+over max_prompt_length 128
+E1203 12:41:38.691000 4821 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1)
+Traceback (most recent call last):
+  File "torch/distributed/run.py", line 1032, in <module>
+    main()
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+launcher.roles FAILED
+------------------------------------------------------------
+Root Cause (first observed failure):
+  exitcode  : 1 (pid: 4827)
+============================================================
+"""
+
+
+def test_a_failed_learner_is_reported_with_its_own_error_not_torchruns_banner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "logs" / "learner.log"
+    log.parent.mkdir()
+    log.write_text("an earlier run's lines\nTraceback (most recent call last):\nOldError: from before\n")
+    script = f"import sys; sys.stderr.write({TORCHRUN_FAILURE!r}); sys.exit(1)"
+    children = [_start("learner", [sys.executable, "-c", script], {}, tmp_path)]
+    children.append(_start("sampler[0]", [sys.executable, "-c", "import time; time.sleep(60)"], {}, tmp_path))
+    assert supervise(children, poll_s=0.05, run_dir=tmp_path) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"speed-async: learner (pid {children[0].proc.pid}) exited with code 1; its error:\n"
+        "    speed_async.data.sources.DataError: data.jsonl, row 3, field 'prompt': prompt has 200 tokens,\n"
+        f"    over max_prompt_length 128\n  log: {log}"
+    ) in err
+    assert "ChildFailedError" not in err and "OldError" not in err, "only this process's own error"
+    assert "ChildFailedError" in log.read_text(), "torchrun's banner stays in the log"
+    assert children[1].proc.poll() is not None, "the samplers are stopped"
+
+
+def test_a_killed_role_without_an_error_is_reported_with_its_last_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = "import os, signal; print('generating', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    children = [_start("learner", [sys.executable, "-c", code], {}, tmp_path)]
+    assert supervise(children, poll_s=0.05, run_dir=tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "was killed by SIGKILL (exit code -9); no error in its log; its last lines:\n    generating\n" in err
