@@ -1,7 +1,7 @@
 """Reward scoring with a real per-item time limit: a small pool of persistent worker processes.
 
 ```
-  parent (score_batch)                                 worker i (spawned; main thread scores)
+  parent (submit / poll, score_batch)                  worker i (spawned; main thread scores)
   ------------------------------------------------     ----------------------------------------
   start: spawn, wait for ("ready",)  <= startup_timeout_s  <- resolve score_fn, score one warm-up item,
                                                                send ("ready",)
@@ -12,7 +12,9 @@
                                                                its parent process is gone
 ```
 
-Each worker holds at most one item, so the time limit is exact per item. Items longer than
+`submit` queues items and returns tickets at once; `poll` hands back the scores finished so far (the sampler
+scores responses while its engine generates); `score_batch` is submit-and-wait. Each worker holds at most one
+item, so the time limit is exact per item. Items longer than
 ``max_chars`` score 0.0 without being sent. Workers are started with the "spawn" context: the parent
 may hold threads and ZeroMQ sockets, which must not be forked. Spawn re-imports the parent's
 ``__main__`` module in each worker, so entry points keep heavy work behind
@@ -93,14 +95,14 @@ class _Worker:
     conn: Connection
     deadline: float
     ready: bool = False
-    index: int | None = None  # index of the item in flight, if any
+    ticket: int | None = None  # ticket of the item in flight, if any
 
     def name(self) -> str:
         return f"reward worker {self.slot} (pid {self.process.pid})"
 
     def waiting(self) -> bool:
         """Whether the parent waits on this worker: for its ready message or for a score."""
-        return not self.ready or self.index is not None
+        return not self.ready or self.ticket is not None
 
 
 class WorkerStartupError(RuntimeError):
@@ -161,17 +163,67 @@ class RewardPool:
         self._closed = False
         self._stats = dict.fromkeys(("scored", "timeouts", "too_long", "errors", "worker_restarts"), 0)
         self._workers: list[_Worker] = []
+        self._pending: deque[tuple[int, tuple[str, str]]] = deque()
+        self._done: dict[int, float] = {}
+        self._next_ticket = 0
         try:
             for slot in range(num_workers):
                 self._workers.append(self._spawn(slot))
             while not all(w.ready for w in self._workers):
-                self._wait_once([])
+                self._wait_once(None)
         except BaseException:
             self._shutdown()
             raise
 
+    def submit(self, items: Sequence[tuple[str, str]]) -> list[int]:
+        """Queue ``(response, ground_truth)`` pairs for scoring without waiting; returns one ticket per item.
+
+        Scores come back from :meth:`poll` (or :meth:`take`) keyed by ticket. Raises ValueError naming the
+        index of an item that is not a tuple of two str (nothing of the call is queued then), RuntimeError
+        if the pool is closed.
+        """
+        for index, item in enumerate(items):
+            _check_item(index, item)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("RewardPool.submit called after close()")
+            tickets = []
+            for item in items:
+                ticket = self._next_ticket
+                self._next_ticket += 1
+                tickets.append(ticket)
+                if len(item[0]) > self.max_chars:
+                    self._stats["too_long"] += 1
+                    self._done[ticket] = 0.0
+                else:
+                    self._pending.append((ticket, item))
+            self._guarded(self._dispatch)
+            return tickets
+
+    def poll(self, timeout_s: float = 0.0) -> dict[int, float]:
+        """Scores finished since the last call, by ticket; waits up to `timeout_s` for the first one when none
+        is finished yet. Never waits longer than the earliest per-item deadline that is due meanwhile (a hung
+        worker is then killed and its item scores 0.0)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("RewardPool.poll called after close()")
+            self._guarded(lambda: self._pump(0.0 if self._done else timeout_s))
+            done, self._done = self._done, {}
+            return done
+
+    def take(self, tickets: Sequence[int]) -> list[float]:
+        """Wait for the scores of `tickets` (from :meth:`submit`) and return them in that order; scores of other
+        tickets finished meanwhile stay for :meth:`poll`."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("RewardPool.take called after close()")
+            assert all(0 <= t < self._next_ticket for t in tickets), "tickets come from submit()"
+            while not all(t in self._done for t in tickets):
+                self._guarded(lambda: self._pump(None))  # waits: some of `tickets` are still being scored
+            return [self._done.pop(t) for t in tickets]
+
     def score_batch(self, items: Sequence[tuple[str, str]]) -> list[float]:
-        """Score ``(response, ground_truth)`` pairs in parallel; scores come back in input order.
+        """Score ``(response, ground_truth)`` pairs in parallel and wait; scores come back in input order.
 
         Raises:
             ValueError: if an item is not a tuple of two str (names its index).
@@ -181,29 +233,34 @@ class RewardPool:
 
         If scoring is interrupted (by that error or any other, e.g. KeyboardInterrupt) the pool is closed.
         """
-        for index, item in enumerate(items):
-            _check_item(index, item)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("RewardPool.score_batch called after close()")
-            scores = [0.0] * len(items)
-            pending: deque[int] = deque()
-            for index, (response, _) in enumerate(items):
-                if len(response) > self.max_chars:
-                    self._stats["too_long"] += 1
-                else:
-                    pending.append(index)
-            try:
-                while pending or any(w.index is not None for w in self._workers):
-                    for worker in self._workers:
-                        if pending and worker.ready and worker.index is None:
-                            self._send(worker, pending, items)
-                    self._wait_once(scores)
-            except BaseException:
-                # Workers may still hold items of this batch: an interrupted pool cannot be reused.
-                self._shutdown()
-                raise
-            return scores
+        return self.take(self.submit(items))
+
+    @property
+    def num_unfinished(self) -> int:
+        """Items submitted and not yet scored (queued or inside a worker)."""
+        return len(self._pending) + sum(1 for w in self._workers if w.ticket is not None)
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        """Run `action`; if it is interrupted, close the pool (workers may hold items: it cannot be reused)."""
+        try:
+            action()
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def _dispatch(self) -> None:
+        """Hand queued items to idle ready workers."""
+        for worker in self._workers:
+            if self._pending and worker.ready and worker.ticket is None:
+                self._send(worker)
+
+    def _pump(self, timeout_s: float | None) -> None:
+        """Dispatch, wait once for answers (at most `timeout_s`, None: until the earliest deadline), dispatch
+        again."""
+        self._dispatch()
+        if any(w.waiting() for w in self._workers):
+            self._wait_once(timeout_s)
+            self._dispatch()
 
     def stats(self) -> dict[str, int]:
         """Counters since creation: scored, timeouts, too_long, errors, worker_restarts."""
@@ -274,33 +331,36 @@ class RewardPool:
         self._workers[worker.slot] = self._spawn(worker.slot)
         self._stats["worker_restarts"] += 1
 
-    def _send(self, worker: _Worker, pending: deque[int], items: Sequence[tuple[str, str]]) -> None:
-        index = pending.popleft()
+    def _send(self, worker: _Worker) -> None:
+        ticket, item = self._pending.popleft()
         try:
-            worker.conn.send(items[index])
+            worker.conn.send(item)
         except OSError:
             # The worker died while idle: no item was lost; retry this one on its replacement.
             logger.warning("%s died while idle; replacing it", worker.name())
-            pending.appendleft(index)
+            self._pending.appendleft((ticket, item))
             self._replace(worker)
             return
-        worker.index = index
+        worker.ticket = ticket
         worker.deadline = time.monotonic() + self.timeout_s
 
-    def _wait_once(self, scores: list[float]) -> None:
-        """Wait until the earliest deadline for messages from busy or starting workers, and handle them."""
+    def _wait_once(self, timeout_s: float | None) -> None:
+        """Wait for messages from busy or starting workers until the earliest deadline (and at most
+        `timeout_s`), handle them, and act on the deadlines that passed."""
         waiting = [w for w in self._workers if w.waiting()]
         assert waiting, "nothing to wait for"
         timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+        if timeout_s is not None:
+            timeout = min(timeout, timeout_s)
         for conn in wait([w.conn for w in waiting], timeout):
-            self._on_message(next(w for w in waiting if w.conn is conn), scores)
+            self._on_message(next(w for w in waiting if w.conn is conn))
         now = time.monotonic()
         for worker in waiting:
             # Skip workers replaced or answered above: their deadline no longer applies.
             if self._workers[worker.slot] is worker and worker.waiting() and now >= worker.deadline:
-                self._on_deadline(worker, scores)
+                self._on_deadline(worker)
 
-    def _on_message(self, worker: _Worker, scores: list[float]) -> None:
+    def _on_message(self, worker: _Worker) -> None:
         try:
             message = worker.conn.recv()
         except EOFError:
@@ -309,9 +369,10 @@ class RewardPool:
                 raise WorkerStartupError(
                     f"{worker.name()} exited during startup (exit code {worker.process.exitcode})"
                 ) from None
-            assert worker.index is not None
-            logger.warning("%s died while scoring items[%d]; replacing it", worker.name(), worker.index)
+            assert worker.ticket is not None
+            logger.warning("%s died while scoring item %d; replacing it", worker.name(), worker.ticket)
             self._stats["errors"] += 1
+            self._done[worker.ticket] = 0.0
             self._replace(worker)
             return
         kind = message[0]
@@ -321,31 +382,32 @@ class RewardPool:
             self._stop(worker)
             raise WorkerStartupError(f"{worker.name()} could not load score_fn={self.score_fn!r}: {message[1]}")
         elif kind == "ok":
-            assert worker.index is not None
-            scores[worker.index] = message[1]
+            assert worker.ticket is not None
+            self._done[worker.ticket] = message[1]
             self._stats["scored"] += 1
-            worker.index = None
+            worker.ticket = None
         else:
-            assert kind == "error" and worker.index is not None, message
-            logger.warning("%s: score_fn raised on items[%d]: %s", worker.name(), worker.index, message[1])
+            assert kind == "error" and worker.ticket is not None, message
+            logger.warning("%s: score_fn raised on item %d: %s", worker.name(), worker.ticket, message[1])
             self._stats["errors"] += 1
-            worker.index = None
+            self._done[worker.ticket] = 0.0
+            worker.ticket = None
 
-    def _on_deadline(self, worker: _Worker, scores: list[float]) -> None:
+    def _on_deadline(self, worker: _Worker) -> None:
         if not worker.ready:
             self._stop(worker)
             raise WorkerStartupError(
                 f"{worker.name()} did not report ready within startup_timeout_s={self.startup_timeout_s} s "
                 f"(importing score_fn={self.score_fn!r})"
             )
-        assert worker.index is not None
+        assert worker.ticket is not None
         logger.warning(
-            "%s: no score for items[%d] within timeout_s=%s; killing and replacing it",
+            "%s: no score for item %d within timeout_s=%s; killing and replacing it",
             worker.name(),
-            worker.index,
+            worker.ticket,
             self.timeout_s,
         )
-        scores[worker.index] = 0.0
+        self._done[worker.ticket] = 0.0
         self._stats["timeouts"] += 1
         self._replace(worker)
 

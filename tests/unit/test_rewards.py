@@ -126,6 +126,27 @@ def test_pool_kills_hung_worker_and_keeps_working(slow_pool: RewardPool) -> None
     assert slow_pool.stats()["timeouts"] == 1
 
 
+def test_submit_returns_at_once_and_poll_hands_back_scores_as_they_finish(slow_pool: RewardPool) -> None:
+    # Two workers: the hung item holds one of them until the 1.5 s limit, the others finish on the second.
+    start = time.monotonic()
+    tickets = slow_pool.submit([(_slow_scorer.HANG, "x"), ("a", "a"), ("b", "c")])
+    assert time.monotonic() - start < 0.5  # nothing was waited for
+    assert slow_pool.num_unfinished == 3
+    got: dict[int, float] = {}
+    while len(got) < 2:
+        got.update(slow_pool.poll(timeout_s=0.2))
+    assert got == {tickets[1]: 1.0, tickets[2]: 0.0}  # before the hung one was given up
+    assert time.monotonic() - start < slow_pool.timeout_s
+    while tickets[0] not in got:
+        got.update(slow_pool.poll(timeout_s=0.5))
+    assert got[tickets[0]] == 0.0 and slow_pool.num_unfinished == 0
+    assert slow_pool.poll() == {}
+    # take() waits for its own tickets; other finished scores stay for poll().
+    first, second = slow_pool.submit([("p", "p")]), slow_pool.submit([("q", "r"), ("s", "s")])
+    assert slow_pool.take(second) == [0.0, 1.0]
+    assert slow_pool.poll(timeout_s=1.0) == {first[0]: 1.0}
+
+
 def test_pool_too_long_boundary(slow_pool: RewardPool) -> None:
     # max_chars=10: 10 characters are scored, 11 are not.
     assert slow_pool.score_batch([("x" * 10, "x" * 10), ("x" * 11, "x" * 11)]) == [1.0, 0.0]
