@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from speed_async.cli import main
+from speed_async.config import load_config, write_resolved_config
 
 TINY_CPU = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.toml"
 
@@ -69,3 +70,21 @@ def test_train_finds_an_overlong_prompt_before_starting_any_process(tmp_path: Pa
     assert len(lines) == 1 and lines[0].startswith("speed-async train: error: arithmetic/train/seed0, row 0, "), lines
     assert "field 'prompt'" in lines[0] and "data.max_prompt_length" in lines[0]
     assert not run_dir.exists(), "nothing was started, nothing written"
+
+
+def test_train_into_a_run_directory_a_live_run_holds_is_refused_at_once(tmp_path: Path) -> None:
+    write_resolved_config(load_config(TINY_CPU), tmp_path)  # what --resume reads first
+    holder_code = (
+        "import sys, time; from speed_async.rundir import RunDirLock; RunDirLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        for args in (["--config", str(TINY_CPU), f"trainer.run_dir={tmp_path}"], ["--resume", str(tmp_path)]):
+            result = _run("train", *args)
+            assert result.returncode == 2, result.stderr
+            assert f"is in use by a live run: pid {holder.pid} on host" in result.stderr, result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
