@@ -42,7 +42,8 @@ SAMPLER_EXIT_WAIT_S = 30.0
 generation call and exit on their own, writing their stats, before they are signalled."""
 STOP_FILE = "stop_request"  # speed_async.learner.main.STOP_FILE (not imported: it would pull in torch)
 PREVIOUS_RUN_EXIT_WAIT_S = 15.0
-"""After taking over the lock of a killed run, how long its processes (pids.json) may take to die with it."""
+"""Before a run uses its directory, how long the processes an earlier run left listed in pids.json may take to
+die (a killed launcher's processes die with it within about a second)."""
 EXIT_LEARNER_UNRESPONSIVE = 3  # launcher.roles.EXIT_LEARNER_UNRESPONSIVE
 
 
