@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from speed_async.learner.batch import TrainGroup
+from speed_async.curriculum.train_group import TrainGroup
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"

@@ -15,7 +15,7 @@ Membership changes (the same thread, so nothing else runs on the group meanwhile
   a joiner gets no work before it holds them, and the learner may be waiting for its work.
 - A lost sampler leaves the group at the next publish (the next generation is formed without it).
 - A generation whose forming fails (a member lost meanwhile, or one that does not arrive in time: it is
-  deferred, i.e. left out until it reports back, see speed_async.learner.membership) or whose broadcast fails
+  deferred, i.e. left out until it reports back, see speed_async.orchestrator.membership) or whose broadcast fails
   (a member died or was busy during it) is abandoned and the next one formed, up to `MAX_ATTEMPTS` times per
   version. The weights of the newest version are kept (one host copy) for this.
 """

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from speed_async.learner.batch import TrainGroup
+from speed_async.curriculum.train_group import TrainGroup
 
 _META_FIELDS = 6
 

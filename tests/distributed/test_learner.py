@@ -31,8 +31,8 @@ from speed_async.config import (
     OptimConfig,
     RolloutConfig,
 )
+from speed_async.curriculum.train_group import TrainGroup
 from speed_async.learner.batch import (
-    TrainGroup,
     build_micro_batches,
     empty_micro_batch,
     plan_micro_batches,

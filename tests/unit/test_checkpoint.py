@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from launcher.train import resume_config
 from speed_async.config import load_config, write_resolved_config
-from speed_async.learner.batch import TrainGroup
+from speed_async.curriculum.train_group import TrainGroup
 from speed_async.learner.checkpoint import (
     COMPLETE,
     HeadState,
@@ -31,7 +31,7 @@ from speed_async.learner.checkpoint import (
     should_save,
     unpack_head_state,
 )
-from speed_async.learner.ledger import Ledger, read_ledger
+from speed_async.orchestrator.ledger import Ledger, read_ledger
 
 
 def _group(pid: int, version: int) -> TrainGroup:

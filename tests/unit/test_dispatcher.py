@@ -21,9 +21,10 @@ import zmq
 
 from speed_async.config import Config, load_config
 from speed_async.data.prepare import Prompt
-from speed_async.learner.dispatcher import Dispatcher, SamplersLost, StopRequested
-from speed_async.learner.ledger import Ledger, read_ledger
+from speed_async.orchestrator.dispatcher import Dispatcher, SamplersLost, StopRequested
+from speed_async.orchestrator.ledger import Ledger, read_ledger
 from speed_async.protocol import (
+    SAMPLER_ACTIVITIES,
     Heartbeat,
     Hello,
     Message,
@@ -38,6 +39,8 @@ from speed_async.protocol import (
     encode,
 )
 from speed_async.transport import Context, DealerSocket, PushSocket
+
+TIMES = np.zeros(len(SAMPLER_ACTIVITIES), dtype=np.float64)
 
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT_S = 1.0  # pipeline.sampler_timeout_s of these tests
@@ -87,7 +90,9 @@ class FakeSampler:
         raise AssertionError(f"sampler {self.sampler_id}: no {kind} within {timeout_s} s")
 
     def beat(self, version: int = 0) -> None:
-        self.push.send(Heartbeat(sampler_id=self.sampler_id, version=version, num_pending=0, state="idle"), 1.0)
+        self.push.send(
+            Heartbeat(sampler_id=self.sampler_id, version=version, num_pending=0, state="idle", times=TIMES), 1.0
+        )
 
     def group(self, epoch: int, prompt_id: int, version: int = 0) -> None:
         n = 2

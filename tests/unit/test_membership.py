@@ -12,9 +12,9 @@ import pytest
 
 from speed_async.config import load_config
 from speed_async.data.prepare import Prompt
-from speed_async.learner.evaluation import EvalBook, EvalOutcome
-from speed_async.learner.membership import EventLog, Membership
-from speed_async.protocol import EvalResult, Heartbeat
+from speed_async.orchestrator.evaluation import EvalBook, EvalOutcome
+from speed_async.orchestrator.membership import EventLog, Membership
+from speed_async.protocol import SAMPLER_ACTIVITIES, EvalResult, Heartbeat
 from speed_async.sampler.heartbeat import HeartbeatThread
 from speed_async.transport import Context, PullSocket
 
@@ -106,7 +106,10 @@ def test_heartbeats_keep_coming_while_the_main_thread_is_busy() -> None:
     with Context() as ctx:
         pull = PullSocket(ctx)
         endpoint = pull.bind_endpoint("127.0.0.1", 0)
-        beat = HeartbeatThread(ctx, endpoint, 3, 0.1, lambda: (5, 2, "generating for 1.0 s"), key=None, max_bytes=4096)
+        times = np.arange(len(SAMPLER_ACTIVITIES), dtype=np.float64)
+        beat = HeartbeatThread(
+            ctx, endpoint, 3, 0.1, lambda: (5, 2, "generating for 1.0 s"), key=None, max_bytes=4096, times=lambda: times
+        )
         beat.start()
         start = time.monotonic()
         time.sleep(0.6)  # the "main loop" is busy and sends nothing
@@ -119,6 +122,7 @@ def test_heartbeats_keep_coming_while_the_main_thread_is_busy() -> None:
         assert len(got) >= 3 and all(isinstance(m, Heartbeat) for m in got)
         assert (got[0].sampler_id, got[0].version, got[0].num_pending) == (3, 5, 2)
         assert got[0].state == "generating for 1.0 s"
+        np.testing.assert_array_equal(got[0].times, times)
         assert not beat._thread.is_alive()
 
 
@@ -140,5 +144,5 @@ def test_fault_settings_are_validated(overrides: list[str], message: str) -> Non
 
 
 def test_heartbeat_interval_follows_the_liveness_timeout() -> None:
-    assert load_config(None, []).pipeline.heartbeat_s == 2.0
-    assert load_config(None, ["pipeline.sampler_timeout_s=4"]).pipeline.heartbeat_s == 1.0
+    assert load_config(None, []).pipeline.heartbeat_s == 0.5
+    assert load_config(None, ["pipeline.sampler_timeout_s=1"]).pipeline.heartbeat_s == 0.25

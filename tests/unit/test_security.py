@@ -17,9 +17,9 @@ import torch
 
 from speed_async.config import load_config
 from speed_async.data.prepare import Prompt
-from speed_async.learner.dispatcher import Dispatcher
-from speed_async.learner.ledger import Ledger
 from speed_async.learner.publisher import WeightPublisher
+from speed_async.orchestrator.dispatcher import Dispatcher
+from speed_async.orchestrator.ledger import Ledger
 
 REPO = Path(__file__).resolve().parents[2]
 LISTEN = "0A"

@@ -12,7 +12,8 @@
 ```
 The train loop never touches a socket: it asks for the batch of step s and waits on a queue with a timeout,
 so receiving and dispatching never stall a train step. What bounds the lag: `DispatchState.room` paces the
-hand-out and `DispatchState.take_batch` checks step - version <= k for every group.
+hand-out and `DispatchState.take_batch` checks step - version <= k for every group; both sit in the training
+books (`speed_async.orchestrator.intake`), which also write the ledger.
 
 Faults: a sampler silent for `pipeline.sampler_timeout_s` (or replaced by a new process, or unreachable) is
 declared lost: its in-flight prompts are re-issued first (ledger `reissued`) and the publisher re-forms the
@@ -29,7 +30,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,13 @@ import numpy as np
 
 from speed_async.config import Config
 from speed_async.curriculum.dispatch import DispatchState, Key
+from speed_async.curriculum.train_group import TrainGroup
 from speed_async.data.prepare import Prompt
-from speed_async.learner.batch import TrainGroup
-from speed_async.learner.evaluation import EvalBook, EvalOutcome
-from speed_async.learner.ledger import Ledger
-from speed_async.learner.membership import SamplerInfo
-from speed_async.learner.sampler_link import SamplerLink
-from speed_async.learner.wire import to_train_group, work_items
+from speed_async.orchestrator.evaluation import EvalBook, EvalOutcome
+from speed_async.orchestrator.intake import TrainingBooks
+from speed_async.orchestrator.ledger import Ledger
+from speed_async.orchestrator.membership import SamplerInfo
+from speed_async.orchestrator.sampler_link import SamplerLink
 from speed_async.protocol import (
     EvalResult,
     GroupDropped,
@@ -94,16 +94,9 @@ class Dispatcher:
         resume: bool = False,
     ) -> None:
         self.config = config
-        self.prompts = train_prompts
         self.ledger = ledger
         self.sync_master = sync_master
-        self.state: DispatchState[TrainGroup] = DispatchState(
-            len(train_prompts),
-            seed=config.trainer.seed,
-            train_batch_size=config.data.train_batch_size,
-            max_staleness=config.pipeline.max_staleness,
-            mode=config.curriculum.mode,
-        )
+        self.books = TrainingBooks(config, train_prompts, ledger)
         self.link = SamplerLink(config, key=key, on_gone=self._lose, run_dir=run_dir, resume=resume)
         self.members = self.link.members
         self.work_endpoint, self.results_endpoint = self.link.work_endpoint, self.link.results_endpoint
@@ -114,18 +107,28 @@ class Dispatcher:
         self._snapshots: queue.Queue[dict[str, Any]] = queue.Queue()
         self.min_work_version = 0  # a resumed run hands out no work to samplers below the restored version
         self._wanted_step: int | None = None
-        self._offered: tuple[int, list[tuple[Key, TrainGroup]]] | None = None  # taken, not yet consumed
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self.counters: Counter[str] = Counter()
         self.waiting_for = "the samplers to connect"
         """What the train loop waits for now (named when a sampler is lost)."""
         self.progress_at = time.monotonic()
         """Last time a result from a sampler was accepted."""
         # Gauges for the train loop; each is replaced as a whole by the dispatcher thread, never mutated.
         self.step_stats: dict[str, float] = {"weight_sync/reload_seconds": float("nan")}
+        self.sampler_times: dict[int, np.ndarray] = {}
+        """Each sampler's seconds per activity (SAMPLER_ACTIVITIES) from its latest heartbeat."""
         self.transport_metrics: dict[str, float] = self.link.transport_metrics()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+
+    @property
+    def state(self) -> DispatchState[TrainGroup]:
+        """The hand-out state (read it from the train loop only for gauges)."""
+        return self.books.state
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Response counters of the training books."""
+        return self.books.counters
 
     # ---- train-loop and publisher side (thread-safe) -----------------------------------------------------
     def start(self) -> None:
@@ -250,15 +253,8 @@ class Dispatcher:
         """Load a snapshot before `start()`; no work goes to a sampler below `version` (the restored weights).
         Returns the keys that were in flight: they are handed out again first (ledger `reissued`)."""
         assert not self._thread.is_alive(), "restore() before start()"
-        keyed = [((g.epoch, g.prompt_id), g) for g in ready]
-        if [list(k) for k, _ in keyed] != [list(k) for k in dispatch["ready_keys"]]:
-            raise ValueError("checkpoint is inconsistent: the saved ready groups do not match the saved ready keys")
-        self.state.load_state_dict(dispatch, keyed)
-        self.counters = Counter(counters)
         self.min_work_version = version
-        for epoch, pid in self.state.reissue:
-            self.ledger.write("reissued", pid, epoch, reason="resume")
-        return list(self.state.reissue)
+        return self.books.restore(dispatch, ready, counters)
 
     def stop(self, reason: str) -> None:
         """Tell the samplers to stop, then end the thread."""
@@ -296,9 +292,10 @@ class Dispatcher:
             if kind == "batch":
                 self._wanted_step = cmd[1]
             elif kind == "consumed":
-                self._consumed(cmd[1])
+                self.books.consumed(cmd[1])
             elif kind == "cancel":
-                self._cancel(cmd[1])
+                self._wanted_step = None
+                self.books.cancel(cmd[1])
                 cmd[2].set()
             elif kind == "update":
                 _, version, generation, buckets, members = cmd
@@ -314,14 +311,7 @@ class Dispatcher:
                 _, generation, members, timeout_s = cmd
                 self.link.send_join(generation, members, self.sync_master, timeout_s)
             elif kind == "snapshot":
-                self._snapshots.put(
-                    {
-                        "dispatch": self.state.state_dict(),
-                        "ready": [g for _, g in self.state.ready],
-                        "counters": dict(self.counters),
-                        "ledger_offset": self.ledger.offset(),
-                    }
-                )
+                self._snapshots.put(self.books.snapshot())
             elif kind == "stop":
                 for info in self.members.live():
                     self.link.send(info, Shutdown(reason=cmd[1]))
@@ -334,40 +324,20 @@ class Dispatcher:
         info = self.members.lose(sampler_id, reason, in_flight=in_flight, waiting_for=self.waiting_for)
         if info is None:
             return
-        lost = self.state.sampler_lost(sampler_id)
-        for epoch, pid in lost:
-            self.ledger.write("reissued", pid, epoch, sampler=sampler_id, reason="sampler lost")
+        lost = self.books.sampler_lost(sampler_id)
         for version in self.evals.sampler_lost(sampler_id):
             self._evals.put(EvalOutcome(version, None))
-        what = (info.describe(), reason, len(lost), self.waiting_for, self.members.live_ids())
+        what = (info.describe(), reason, lost, self.waiting_for, self.members.live_ids())
         log.error("%s lost: %s; %d in-flight prompts re-issued; the learner was waiting for %s; live: %s", *what)
 
     def _try_batch(self) -> None:
         step = self._wanted_step
         if step is None:
             return
-        batch, stale = self.state.take_batch(step)
-        for (epoch, pid), group in stale:
-            self.ledger.write("dropped", pid, epoch, reason="stale", step=step, version=group.version)
-        if batch is None:
-            return
-        self._wanted_step = None
-        self._offered = (step, batch)
-        self._batches.put((step, [g for _, g in batch]))
-
-    def _consumed(self, step: int) -> None:
-        """The train loop took the batch of `step`: from now on it is trained (ledger `trained`)."""
-        assert self._offered is not None and self._offered[0] == step, (self._offered, step)
-        for (epoch, pid), group in self._offered[1]:
-            self.ledger.write("trained", pid, epoch, step=step, lag=step - group.version, version=group.version)
-        self._offered = None
-
-    def _cancel(self, step: int) -> None:
-        """The train loop gave up `step`: nothing was trained; a batch taken for it goes back."""
-        self._wanted_step = None
-        if self._offered is not None and self._offered[0] == step:
-            self.state.untake(self._offered[1])
-            self._offered = None
+        groups = self.books.take_batch(step)
+        if groups is not None:
+            self._wanted_step = None
+            self._batches.put((step, groups))
 
     def _serve_sockets(self) -> bool:
         # Results first: a sampler pushes its screening reports before it asks for more work, so the request
@@ -394,7 +364,7 @@ class Dispatcher:
 
     def _on_control(self, identity: bytes, msg: Message) -> None:
         if isinstance(msg, Hello):
-            self._on_hello(identity, msg)
+            self.link.hello(identity, msg, max(self.state.version, self.min_work_version))
             return
         info = self.link.control_sender(identity, msg)
         if info is None:
@@ -404,6 +374,7 @@ class Dispatcher:
             self._on_work_request(info, msg)
         elif isinstance(msg, Heartbeat):
             self.members.touch(sampler_id, version=msg.version, state=msg.state)
+            self.sampler_times = {**self.sampler_times, sampler_id: msg.times}
         elif isinstance(msg, SyncDone):
             self.members.touch(sampler_id, version=msg.version)
             self.step_stats = {"weight_sync/reload_seconds": msg.seconds}
@@ -414,42 +385,25 @@ class Dispatcher:
         else:
             self.counters[f"unexpected_{type(msg).__name__}"] += 1
 
-    def _on_hello(self, identity: bytes, msg: Hello) -> None:
-        if msg.sampler_id >= self.config.cluster.num_samplers:
-            self.link.counters["unknown_sender"] += 1
-            log.warning("hello from sampler id %d outside the configured range", msg.sampler_id)
-            return
-        old = self.members.get(msg.sampler_id)
-        if old is not None and old.alive:
-            if old.identity == identity:
-                return  # a repeated hello of the same process
-            self._lose(msg.sampler_id, f"replaced by a new process (pid {msg.pid} on {msg.hostname})")
-        required = max(self.state.version, self.min_work_version)
-        info = self.members.join(identity, msg.sampler_id, msg.pid, msg.hostname, required)
-        what = (info.describe(), info.incarnation, required)
-        log.info("%s joined (incarnation %d); work once it holds version %d", *what)
-
     def _on_work_request(self, info: SamplerInfo, msg: WorkRequest) -> None:
         self.members.touch(info.sampler_id, version=msg.version)
         if msg.version < info.required_version:
             reason = f"waiting for weights version {info.required_version}"
             self.link.send(info, NoWork(retry_after_s=NO_WORK_RETRY_S, reason=reason))
             return
-        keys = self.state.assign(msg.sampler_id, msg.version, msg.max_prompts)
+        keys, items = self.books.assign(msg.sampler_id, msg.version, msg.max_prompts)
         if not keys:
             self.link.send(info, NoWork(retry_after_s=NO_WORK_RETRY_S, reason="staleness bound"))
             return
-        assignment = WorkAssignment(items=work_items(self.prompts, keys, self.config), version=self.state.version)
-        if not self.link.send(info, assignment):
-            for key in keys:  # still in flight unless the failed send already declared the sampler lost
-                self.state.give_back(key)
-            return
-        for epoch, pid in keys:
-            self.ledger.write("dispatched", pid, epoch, sampler=msg.sampler_id, version=msg.version)
+        if self.link.send(info, WorkAssignment(items=items, version=self.state.version)):
+            self.books.dispatched(keys, msg.sampler_id, msg.version)
+        else:  # still in flight unless the failed send already declared the sampler lost
+            self.books.give_back(keys)
 
     def _on_result(self, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
-            self.link.result_sender(msg.sampler_id, version=msg.version, state=msg.state)
+            if self.link.result_sender(msg.sampler_id, version=msg.version, state=msg.state) is not None:
+                self.sampler_times = {**self.sampler_times, msg.sampler_id: msg.times}
             return
         if not isinstance(msg, ScreenReport | RolloutGroup | GroupDropped | EvalResult):
             self.link.counters["unknown_sender"] += 1
@@ -458,26 +412,12 @@ class Dispatcher:
             return
         self.progress_at = time.monotonic()
         if isinstance(msg, ScreenReport):
-            key = (msg.epoch, msg.prompt_id)
-            if self.state.on_screened(key, msg.qualified):
-                pass_rate = float(np.mean(msg.rewards))
-                self.ledger.write("screened", msg.prompt_id, msg.epoch, pass_rate=pass_rate, version=msg.version)
-                event = "qualified" if msg.qualified else "rejected"
-                self.ledger.write(event, msg.prompt_id, msg.epoch, sampler=msg.sampler_id)
+            self.books.on_screen(msg)
         elif isinstance(msg, RolloutGroup):
-            key = (msg.epoch, msg.prompt_id)
-            if msg.num_responses != self.config.group_size:
-                # A sampler built with another config: never trained on; the prompt goes to another sampler.
+            if not self.books.on_group(msg):
                 self.link.counters["bad_group"] += 1
-                sizes = (msg.sampler_id, msg.num_responses, msg.prompt_id, self.config.group_size)
-                log.error("sampler %d sent %d responses for prompt %d; groups have %d: rejected", *sizes)
-                if self.state.give_back(key):
-                    self.ledger.write("reissued", msg.prompt_id, msg.epoch, sampler=msg.sampler_id, reason="bad group")
-                return
-            self.state.on_group(key, to_train_group(msg))
         elif isinstance(msg, GroupDropped):
-            if self.state.on_dropped((msg.epoch, msg.prompt_id)):
-                self.ledger.write("dropped", msg.prompt_id, msg.epoch, reason=msg.reason, version=msg.version)
+            self.books.on_dropped(msg)
         else:
             finished = self.evals.on_result(msg)
             if finished is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from speed_async.config import Config
-from speed_async.learner.membership import EVENTS_FILE, EventLog, Membership, SamplerInfo
+from speed_async.orchestrator.membership import EVENTS_FILE, EventLog, Membership, SamplerInfo
 from speed_async.protocol import REASONS, Hello, JoinSyncGroup, Message, Rejoin, Shutdown
 from speed_async.transport import HANDSHAKE, Context, PullSocket, RouterSocket, TransportError, TransportTimeout
 
@@ -108,6 +108,22 @@ class SamplerLink:
         else:  # lost (e.g. after a long stall), or never seen by this learner
             self.reply(identity, Rejoin(reason=f"the learner does not count sampler {sampler_id} as alive"))
         return None
+
+    def hello(self, identity: bytes, msg: Hello, required_version: int) -> None:
+        """A sampler says hello: it joins (an older live process of its id is declared lost first); it gets no
+        work before it holds weights `required_version`. A hello for an id outside the cluster is refused."""
+        if msg.sampler_id >= self.members.num_samplers:
+            self.counters["unknown_sender"] += 1
+            log.warning("hello from sampler id %d outside the configured range", msg.sampler_id)
+            return
+        old = self.members.get(msg.sampler_id)
+        if old is not None and old.alive:
+            if old.identity == identity:
+                return  # a repeated hello of the same process
+            self.on_gone(msg.sampler_id, f"replaced by a new process (pid {msg.pid} on {msg.hostname})")
+        info = self.members.join(identity, msg.sampler_id, msg.pid, msg.hostname, required_version)
+        what = (info.describe(), info.incarnation, required_version)
+        log.info("%s joined (incarnation %d); work once it holds version %d", *what)
 
     def result_sender(self, sampler_id: int, **fields: Any) -> SamplerInfo | None:
         """The live member `sampler_id`, its liveness refreshed; None (counted) if it is not one."""

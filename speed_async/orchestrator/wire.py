@@ -8,8 +8,8 @@ import numpy as np
 
 from speed_async.config import Config
 from speed_async.curriculum.dispatch import Key
+from speed_async.curriculum.train_group import TrainGroup
 from speed_async.data.prepare import Prompt
-from speed_async.learner.batch import TrainGroup
 from speed_async.protocol import RolloutGroup, WorkItem
 
 
