@@ -6,6 +6,7 @@ messages and back; see ``codec`` for the frame layout and ``schema`` for how fie
 
 from speed_async.protocol.codec import DEFAULT_MAX_BYTES, decode, encode
 from speed_async.protocol.messages import (
+    SAMPLER_ACTIVITIES,
     EvalAssignment,
     EvalResult,
     GroupDropped,
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "MESSAGE_TYPES",
     "REASONS",
+    "SAMPLER_ACTIVITIES",
     "SCHEMA_VERSION",
     "EvalAssignment",
     "EvalResult",

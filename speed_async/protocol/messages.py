@@ -217,13 +217,34 @@ class SyncDone(Message, tag="sync_done"):
     seconds: Seconds
 
 
+SAMPLER_ACTIVITIES = (
+    "generating",
+    "evaluating",
+    "scoring",
+    "sending",
+    "weights",
+    "idle_work",
+    "idle_weights",
+)
+"""What a sampler's main loop can be doing, in the order of ``Heartbeat.times``: running the engine for training
+work and for held-out evaluation (one engine step's time split by the sequences of each in it), waiting for
+scores with nothing left to run, sending and handling messages, receiving and reloading weights, idle for lack
+of work, idle until newer weights allow work (the staleness bound) or arrive."""
+
+
 class Heartbeat(Message, tag="heartbeat"):
-    """Periodic liveness: the sampler's version, its number of pending work items, and a state word."""
+    """Periodic liveness: the sampler's version, its number of pending work items, a state word, and the seconds
+    its main loop has spent on each of ``SAMPLER_ACTIVITIES`` since it started (cumulative)."""
 
     sampler_id: NonNegInt
     version: NonNegInt
     num_pending: NonNegInt
     state: Text
+    times: Annotated[np.ndarray, Array("<f8", ge=0.0, finite=True)]
+
+    def _check_consistency(self) -> None:
+        if len(self.times) != len(SAMPLER_ACTIVITIES):
+            self._bad("times", f"length {len(self.times)} != {len(SAMPLER_ACTIVITIES)} (SAMPLER_ACTIVITIES)")
 
 
 class SyncFailed(Message, tag="sync_failed"):
