@@ -62,7 +62,8 @@ class RolloutConfig:
     n_continue: int = 20
     """SPEED only: additional samples for a prompt that qualified (paper: 20); its group is n + n_continue."""
     gen_batch_size: int = 64
-    """New prompts a sampler screens per generation call (paper: 64); continuations ride along in the same call."""
+    """Most new prompts a sampler screens at once (paper: 64 per generation call): it asks the dispatcher for
+    more as screens finish; continuations of qualified prompts start as soon as their screen is scored."""
     temperature: float = 1.0
     """Sampling temperature (paper: 1.0)."""
     top_p: float = 1.0
@@ -73,9 +74,19 @@ class RolloutConfig:
     """Fraction of GPU memory vLLM may take (GPU only)."""
     enforce_eager: bool = False
     """Skip vLLM's torch.compile / CUDA graphs: starts much faster (seconds on CPU), generates slower."""
+    max_num_seqs: int = 0
+    """Sequences the engine runs per step (vLLM's max_num_seqs; 0: vLLM's default, 256 on CPU). The sampler keeps
+    this many requests in flight when the dispatcher has work for it."""
+    weight_update_mode: Literal["keep", "wait", "abort"] = "keep"
+    """What requests in flight do when new weights arrive: `keep`: pause, load, resume: they continue under the
+    new weights (their KV recomputed; each response records the oldest and newest version that generated it);
+    `wait`: no new requests until those in flight finish, then load; `abort`: drop them (the prompts go back to
+    the dispatcher, ledger `reissued`), then load. Work that the bound already rules out is dropped in every
+    mode."""
 
     def __post_init__(self) -> None:
         _require(self.n >= 1, "rollout.n", self.n, "must be >= 1")
+        _require(self.max_num_seqs >= 0, "rollout.max_num_seqs", self.max_num_seqs, "must be >= 0 (0: vLLM's default)")
         _require(self.n_continue >= 0, "rollout.n_continue", self.n_continue, "must be >= 0")
         _require(self.gen_batch_size >= 1, "rollout.gen_batch_size", self.gen_batch_size, "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0")
@@ -187,7 +198,7 @@ class PipelineConfig:
     sampler_timeout_s: float = 120.0
     """Liveness timeout: a sampler with no heartbeat for this long (killed, stopped, cut off) is declared lost,
     its in-flight prompts are re-issued to the others and the weight-sync group is re-formed without it.
-    Samplers send a heartbeat from a thread every min(2 s, this / 4), also while they generate."""
+    Samplers send a heartbeat from a thread every min(0.5 s, this / 4), also while they generate."""
     startup_timeout_s: float = 600.0
     """How long the learner waits at start for every configured sampler to connect (engine start-up
     included), and a sampler for the learner's endpoints."""
@@ -231,8 +242,9 @@ class PipelineConfig:
 
     @property
     def heartbeat_s(self) -> float:
-        """Seconds between a sampler's heartbeats: min(2, sampler_timeout_s / 4)."""
-        return min(2.0, self.sampler_timeout_s / 4)
+        """Seconds between a sampler's heartbeats: min(0.5, sampler_timeout_s / 4) (they also carry its time
+        accounting, which the learner lays beside each RL step)."""
+        return min(0.5, self.sampler_timeout_s / 4)
 
 
 @dataclass(frozen=True)

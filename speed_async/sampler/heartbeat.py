@@ -4,7 +4,8 @@ A generation call, a scoring batch or a weight reload can take longer than the l
 the main loop cannot send anything meanwhile. This thread sends a `Heartbeat` every `interval_s` on its own
 PUSH socket to the learner's results endpoint (ZeroMQ sockets belong to one thread), carrying what the main
 loop is doing and for how long, so that the learner can tell a busy sampler from a dead one, and say what a
-stopped one was doing. A process that is stopped (SIGSTOP) or killed stops beating, and the learner declares
+stopped one was doing, and the main loop's time per activity so far (`times()`, see
+`speed_async.sampler.activity`). A process that is stopped (SIGSTOP) or killed stops beating, and the learner declares
 it lost after `pipeline.sampler_timeout_s`.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+
+import numpy as np
 
 from speed_async.protocol import Heartbeat
 from speed_async.transport import Context, PushSocket, TransportError
@@ -33,10 +36,12 @@ class HeartbeatThread:
         *,
         key: bytes | None,
         max_bytes: int,
+        times: Callable[[], np.ndarray],
     ) -> None:
-        """`status()` returns (policy version, pending work items, state text); it is called from this thread."""
+        """`status()` returns (policy version, pending work items, state text), `times()` the seconds per
+        activity (float64, SAMPLER_ACTIVITIES order); both are called from this thread."""
         self.ctx, self.endpoint, self.sampler_id = ctx, endpoint, sampler_id
-        self.interval_s, self.status = interval_s, status
+        self.interval_s, self.status, self.times = interval_s, status, times
         self.key, self.max_bytes = key, max_bytes
         self.sent = 0
         self._stop = threading.Event()
@@ -57,7 +62,13 @@ class HeartbeatThread:
         try:
             while not self._stop.wait(self.interval_s):
                 version, pending, state = self.status()
-                msg = Heartbeat(sampler_id=self.sampler_id, version=version, num_pending=pending, state=state[:200])
+                msg = Heartbeat(
+                    sampler_id=self.sampler_id,
+                    version=version,
+                    num_pending=pending,
+                    state=state[:200],
+                    times=self.times(),
+                )
                 try:
                     push.send(msg, timeout_s=self.interval_s)
                     self.sent += 1

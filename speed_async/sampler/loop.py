@@ -1,82 +1,76 @@
-"""The sampler process: keeps one vLLM engine busy screening, continuing and scoring prompts.
+"""The sampler process: keeps one vLLM engine full, request by request, and streams each group when complete.
 
 ```
-    dispatcher (ROUTER) ──WorkAssignment / NoWork / UpdateWeights / EvalAssignment / Shutdown──►┐
-        ▲                                                                                        │
-        └──Hello, WorkRequest, Heartbeat, SyncDone (DEALER)──── sampler loop ◄───────────────────┘
-                                                                 │  one generation call =
-                                                                 │  continuations + new screens + eval
-    learner rank 0 (PULL) ◄──ScreenReport, RolloutGroup, GroupDropped, EvalResult (PUSH)──┘
-    learner rank 0 ══ weight broadcast (sync group) ══► engine.receive_weights(v)  (between calls)
+  dispatcher (ROUTER) ──WorkAssignment / NoWork / UpdateWeights / EvalAssignment / Shutdown──►┐
+      ▲                                                                                       │
+      └──Hello, WorkRequest, Heartbeat, SyncDone (DEALER)──── sampler loop ◄──────────────────┘
+                                                                │ each turn: messages, weights, work request,
+          engine (in process): submit ──► step ──► finished ────┤ submit (continuations, evaluation, screens
+          reward pool (processes): submit ──► poll ──► scored ──┤ up to rollout.max_num_seqs), one engine
+                                                                │ step, hand finished samples to the reward
+  learner rank 0 (PULL) ◄──ScreenReport, RolloutGroup, GroupDropped, EvalResult (PUSH)──┘ pool, emit what
+  learner rank 0 ══ weight broadcast (sync group) ══► engine.receive_weights(v)  between two steps   completed
 ```
-What bounds the policy lag: the dispatcher hands out work only while it can still be trained within k
-versions, and the sampler loads new weights between generation calls, never during one. Evaluation items are
-always generated before loading newer weights, so eval at version v is measured on exactly version v.
+Every screen, continuation and evaluation item is a request submitted as soon as it is known: a continuation
+right after its screen is scored, new screens whenever the engine has room. Scores come back from the worker
+processes while the engine runs the next steps, so scoring never stops the engine. A group is emitted the
+moment its last response is scored.
 
-Faults. A heartbeat thread (speed_async.sampler.heartbeat) keeps beating while the engine is busy. A failed
-join or weight receive is reported (`SyncFailed`) and the sampler generates nothing until the learner has
-re-formed the group and sent complete weights again (bounded: `LearnerUnresponsive` after a while). `Rejoin`
-from the learner (it lost this sampler, e.g. after a long stall) drops all work and says hello again. Every
-wait for the learner is bounded by pipeline.request_timeout_s; past it the sampler raises
-`LearnerUnresponsive` naming what it waited for (the role exits with status 3).
+What bounds the policy lag. The dispatcher hands out work only while it can still be trained within k
+versions. Weights change only between two engine steps, per `rollout.weight_update_mode`: `keep` (requests in
+flight continue under the new weights), `wait` (no new requests until those in flight finish), `abort` (they
+are dropped and their prompts returned). Each response carries the engine's version when it was submitted
+(`version_min`) and when it finished (`version_max`); a group's version is the minimum. Work that can no longer
+be trained within the bound (its first request is more than k versions older than the new weights) is dropped
+and returned in every mode. Evaluation items finish before newer weights load, so eval at v is exactly v.
+
+Faults. A heartbeat thread keeps beating, with the loop's time accounting (`ActivityClock`). `Rejoin` drops
+all work and says hello again; failed weight syncs are handled by `speed_async.sampler.sync`. Every wait for
+the learner is bounded by pipeline.request_timeout_s (`LearnerUnresponsive`, exit status 3).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from speed_async.config import Config
-from speed_async.curriculum.groups import (
-    CompletedGroup,
-    DroppedGroup,
-    GroupAssembler,
-    Outcome,
-    PromptWork,
-    Response,
-    ScreenOutcome,
-)
+from speed_async.curriculum.groups import GroupAssembler, PromptWork
 from speed_async.protocol import (
     EvalAssignment,
-    EvalResult,
-    GroupDropped,
     Heartbeat,
     Hello,
     JoinSyncGroup,
     Message,
     NoWork,
     Rejoin,
-    ScreenReport,
     Shutdown,
-    SyncDone,
-    SyncFailed,
     UpdateWeights,
     WorkAssignment,
     WorkRequest,
 )
-from speed_async.rewards import RewardPool, overlong_penalty
+from speed_async.sampler.activity import ActivityClock
 from speed_async.sampler.heartbeat import HeartbeatThread
-from speed_async.sampler.wire import rollout_group_message, work_from_item
+from speed_async.sampler.inflight import RequestBook, Stage
+from speed_async.sampler.scoring import Scorer
+from speed_async.sampler.sync import LearnerUnresponsive, WeightSync
+from speed_async.sampler.wire import dropped_message, eval_result_message, outcome_message, work_from_item
 from speed_async.transport import Context, DealerSocket, PushSocket, TransportTimeout
+
+__all__ = ["LearnerUnresponsive", "SamplerEndpoints", "SamplerLoop"]
 
 log = logging.getLogger("speed_async.sampler")
 HEARTBEAT_EVERY_S = 2.0
-WORK_ANSWER_WAIT_S = 0.25
-"""How long the sampler waits for the answer to a work request it has just sent before its next generation
-call. The dispatcher answers within milliseconds, and the new prompts then ride along in this call instead of
-the next one (at k = 0 a SPEED step needs one call fewer whenever its first screening call fell short)."""
-MAX_SYNC_FAILURES = 5
-"""Consecutive failed weight-sync joins or receives before the sampler gives up (exits with an error)."""
-
-
-class LearnerUnresponsive(TimeoutError):
-    """The learner did not answer or take results within pipeline.request_timeout_s (the message says what)."""
+"""How often the main loop also beats on the work channel (the learner answers a sampler it lost with Rejoin)."""
+IDLE_WAIT_S = 0.02
+"""With nothing to run, how long one turn waits for a message or a score."""
+BOUND_REASONS = ("staleness bound", "waiting for weights")
+"""NoWork reasons that mean: newer weights are needed first (time charged to idle_weights, not idle_work)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +82,7 @@ class SamplerEndpoints:
 
 
 class SamplerLoop:
-    """One sampler: engine + reward pool + group assembler + sockets."""
+    """One sampler: engine + reward pool + group assembler + request book + sockets."""
 
     def __init__(
         self,
@@ -99,6 +93,7 @@ class SamplerLoop:
         *,
         key: bytes | None = None,
         device: str = "cpu",
+        reward_cpus: set[int] | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -106,7 +101,6 @@ class SamplerLoop:
 
         self.config = config
         self.sampler_id = sampler_id
-        self.device = device
         rollout = config.rollout
         self.engine = Engine(
             model_path,
@@ -116,26 +110,23 @@ class SamplerLoop:
             max_model_len=config.data.max_prompt_length + rollout.max_response_length,
             gpu_memory_utilization=rollout.gpu_memory_utilization,
             enforce_eager=rollout.enforce_eager,
+            max_num_seqs=rollout.max_num_seqs,
         )
         self.settings = SamplingSettings(
             temperature=rollout.temperature, top_p=rollout.top_p, max_tokens=rollout.max_response_length, seed=None
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.rewards = RewardPool(
-            num_workers=config.pipeline.reward_workers, timeout_s=config.pipeline.reward_timeout_s
-        )
-        self.assembler = GroupAssembler(
-            config.curriculum.mode, config.curriculum.pass_rate_low, config.curriculum.pass_rate_high
-        )
+        self.scorer = Scorer(config, AutoTokenizer.from_pretrained(model_path), cpus=reward_cpus)
+        self.assembler = self._new_assembler()
+        self.book = RequestBook()
+        self.clock = ActivityClock("idle_work")
         if callable(endpoints):  # resolved only now: the engine starts while the learner is still starting
             endpoints = endpoints()
+        self.endpoints = endpoints
         self.ctx = Context()
         max_bytes = config.pipeline.max_message_bytes
         identity = f"sampler-{sampler_id}-{os.getpid()}".encode()  # one per process: the learner tells them apart
         self.dealer = DealerSocket(self.ctx, endpoints.work, identity, key=key, max_bytes=max_bytes)
         self.push = PushSocket(self.ctx, endpoints.results, key=key, max_bytes=max_bytes)
-        self.endpoints = endpoints
-        self.activity = ("starting", time.monotonic())  # what the main loop does, since when (for heartbeats)
         self.heartbeat = HeartbeatThread(
             self.ctx,
             endpoints.results,
@@ -144,41 +135,33 @@ class SamplerLoop:
             self._status,
             key=key,
             max_bytes=max_bytes,
+            times=self.clock.snapshot,
         )
-        self.sync_generation: int | None = None  # the weight-sync generation this engine is in
-        self.weights_ok = True  # False after a failed receive: possibly half-loaded weights, generate nothing
-        self.weights_bad_since = 0.0
-        self.sync_failures = 0
-        self._sync_store = None  # TCPStore client of the learner's sync store (membership barriers)
-        self.eval_items: list[PromptWork] = []
-        self.eval_version = -1
+        self.sync = WeightSync(config, sampler_id, self.engine, device, self._send_control)
         self.pending_update: UpdateWeights | None = None
+        self.eval_items: list[tuple[PromptWork, int]] = []  # (item, version to evaluate)
         self.request_sent_at: float | None = None
         self.retry_at = 0.0
+        self.bound_wait = False  # the last NoWork said: newer weights first
         self.last_heartbeat = 0.0
         self.stopping: str | None = None
-        # Where the sampler's wall time goes (written to sampler-<id>.json at the end of a run).
-        self.stats = {
-            "generated_tokens": 0,
-            "calls": 0,
-            "generation_s": 0.0,
-            "scoring_s": 0.0,
-            "eval_s": 0.0,  # of generation_s + scoring_s, the held-out evaluations'
-            "weight_sync_s": 0.0,
-            "idle_s": 0.0,
-            "wall_s": 0.0,
-        }
-        self.t_first_work: float | None = None  # the stats' window starts with the first work
+        self.counters = dict.fromkeys(
+            ("generated_tokens", "requests", "aborted_requests", "returned_prompts", "engine_steps", "sequence_steps"),
+            0,
+        )
+        """engine_steps: engine steps run; sequence_steps: the requests in flight summed over them (their ratio is
+        the mean occupancy of the engine's batch)."""
+        self.t_first_work: float | None = None
 
     # ---- messages ----------------------------------------------------------------------------------------
+    def _new_assembler(self) -> GroupAssembler:
+        cur = self.config.curriculum
+        return GroupAssembler(cur.mode, cur.pass_rate_low, cur.pass_rate_high)
+
     def _status(self) -> tuple[int, int, str]:
         """(version, pending items, state) for the heartbeat thread."""
-        what, since = self.activity
-        pending = self.assembler.num_new + self.assembler.num_continue + len(self.eval_items)
-        return self.engine.version, pending, f"{what} for {time.monotonic() - since:.1f} s"
-
-    def _doing(self, what: str) -> None:
-        self.activity = (what, time.monotonic())
+        pending = self.assembler.num_new + self.assembler.num_continue + self.engine.num_unfinished
+        return self.engine.version, pending, f"{self.clock.current}, {self.engine.num_unfinished} requests in flight"
 
     def _send_control(self, msg: Message) -> None:
         self._send(self.dealer, msg, self.endpoints.work)
@@ -188,6 +171,8 @@ class SamplerLoop:
 
     def _send(self, sock: DealerSocket | PushSocket, msg: Message, endpoint: str) -> None:
         timeout = self.config.pipeline.request_timeout_s
+        doing = self.clock.current
+        self.clock.switch("sending")
         try:
             sock.send(msg, timeout_s=timeout)
         except TransportTimeout:
@@ -195,23 +180,27 @@ class SamplerLoop:
                 f"sampler {self.sampler_id}: the learner is unresponsive: sending {msg.TAG} to {endpoint} was "
                 f"blocked for {timeout:g} s (pipeline.request_timeout_s): the learner takes no messages"
             ) from None
+        finally:
+            self.clock.switch(doing)
 
     def _handle(self, msg: Message) -> None:
         if isinstance(msg, WorkAssignment):
             if self.t_first_work is None:
                 self.t_first_work = time.perf_counter()
-            self.request_sent_at = None
+            self.request_sent_at, self.bound_wait = None, False
             self.assembler.add(work_from_item(item) for item in msg.items)
         elif isinstance(msg, NoWork):
             self.request_sent_at = None
             self.retry_at = time.monotonic() + msg.retry_after_s
+            self.bound_wait = msg.reason.startswith(BOUND_REASONS)
         elif isinstance(msg, EvalAssignment):
-            self.eval_items.extend(work_from_item(item) for item in msg.items)
-            self.eval_version = msg.version
+            self.eval_items.extend((work_from_item(item), msg.version) for item in msg.items)
         elif isinstance(msg, JoinSyncGroup):
-            self._join(msg)
+            self.pending_update = None
+            self.clock.switch("weights")
+            self.sync.join(msg)
         elif isinstance(msg, UpdateWeights):
-            if msg.generation == self.sync_generation:
+            if msg.generation == self.sync.generation:
                 self.pending_update = msg
             else:  # announced on a generation this engine is not (or no longer) in
                 log.info(
@@ -224,89 +213,14 @@ class SamplerLoop:
         else:
             log.warning("sampler %d: unexpected %s on the work channel", self.sampler_id, type(msg).__name__)
 
-    def _join(self, msg: JoinSyncGroup) -> None:
-        """Join weight-sync generation `msg.generation`: the membership barrier, then the process group."""
-        from speed_async.weight_sync.group import connect_store
-        from speed_async.weight_sync.rendezvous import RendezvousError, join_generation
-
-        self._doing(f"joining weight-sync generation {msg.generation}")
-        self.pending_update = None
-        self.sync_generation = None
-        try:
-            if self._sync_store is None or self._sync_store[0] != (msg.master_addr, msg.master_port):
-                store = connect_store(msg.master_addr, msg.master_port, is_master=False, timeout_s=msg.timeout_s)
-                self._sync_store = ((msg.master_addr, msg.master_port), store)
-            join_generation(self._sync_store[1], msg.generation, msg.rank, msg.world_size, 2 * msg.timeout_s)
-            backend = "nccl" if self.device == "cuda" else "gloo"
-            self.engine.init_weight_sync(
-                msg.master_addr,
-                msg.master_port,
-                msg.rank,
-                msg.world_size,
-                backend,
-                msg.timeout_s,
-                generation=msg.generation,
-            )
-        except RendezvousError as err:  # reported, so that a sampler left out meanwhile is taken in again
-            self._sync_failed(msg.generation, err, count=err.reason == "timeout")
-            return
-        except Exception as err:  # a failed join is reported; the learner forms a new group
-            self._sync_failed(msg.generation, err)
-            return
-        self.sync_generation = msg.generation
-
-    def _sync_failed(self, generation: int, err: BaseException | str, count: bool = True) -> None:
-        """Report a failed join or receive; give up after MAX_SYNC_FAILURES counted ones in a row."""
-        self.sync_failures += int(count)
-        log.warning("sampler %d: weight sync on generation %d failed: %s", self.sampler_id, generation, err)
-        if self.sync_failures >= MAX_SYNC_FAILURES:
-            raise RuntimeError(f"sampler {self.sampler_id}: {self.sync_failures} failed weight syncs in a row")
-        self.sync_generation = None
-        self._send_control(
-            SyncFailed(
-                sampler_id=self.sampler_id, generation=generation, version=self.engine.version, error=str(err)[:500]
-            )
-        )
-
-    def _receive(self, update: UpdateWeights) -> None:
-        """Receive and load weights `update.version`; on failure the weights count as incomplete."""
-        self._doing(f"receiving weights version {update.version}")
-        from speed_async.weight_sync.rendezvous import is_abandoned
-
-        if self._sync_store is not None and (reason := is_abandoned(self._sync_store[1], update.generation)):
-            # The learner gave this transfer up while this engine was busy: nothing will come; say so.
-            self.sync_generation = None
-            self._sync_failed(update.generation, f"generation abandoned before the transfer ({reason})", count=False)
-            return
-        try:
-            seconds = self.engine.receive_weights(update.version)
-        except Exception as err:  # the reload may be partial: generate nothing until a full one
-            if self.weights_ok:
-                self.weights_ok, self.weights_bad_since = False, time.monotonic()
-            self._sync_failed(update.generation, err)
-            return
-        self.weights_ok, self.sync_failures = True, 0
-        self.stats["weight_sync_s"] += seconds
-        self._send_control(SyncDone(sampler_id=self.sampler_id, version=update.version, seconds=seconds))
-
-    def _check_weights_wait(self) -> None:
-        """Incomplete weights are re-sent once the learner has re-formed the group; bound that wait."""
-        pipeline = self.config.pipeline
-        limit = 2 * (2 * pipeline.sync_timeout_s + pipeline.sampler_timeout_s)
-        if not self.weights_ok and time.monotonic() - self.weights_bad_since > limit:
-            raise LearnerUnresponsive(
-                f"sampler {self.sampler_id}: the learner is unresponsive: it did not re-send the weights within "
-                f"{limit:g} s after a failed receive (2 x (2 x pipeline.sync_timeout_s + pipeline.sampler_timeout_s))"
-            )
-
     def _rejoin(self, reason: str) -> None:
         """The learner lost this sampler: drop all work (it was re-issued), leave the group, say hello again."""
         log.warning("sampler %d: the learner asks it to rejoin (%s); dropping its work", self.sampler_id, reason)
-        self.assembler = GroupAssembler(
-            self.config.curriculum.mode, self.config.curriculum.pass_rate_low, self.config.curriculum.pass_rate_high
-        )
+        self.engine.abort(self.book.clear())
+        self.scorer.forget()
+        self.assembler = self._new_assembler()
         self.eval_items, self.pending_update, self.request_sent_at, self.retry_at = [], None, None, 0.0
-        self.sync_generation = None
+        self.sync.leave()
         self._send_control(Hello(sampler_id=self.sampler_id, pid=os.getpid(), hostname=socket.gethostname()))
 
     def _drain(self, timeout_s: float) -> None:
@@ -316,163 +230,158 @@ class SamplerLoop:
             self._handle(msg)
             msg = self.dealer.recv(0.0)
 
-    def _maybe_request_work(self) -> None:
-        now = time.monotonic()
-        if self.request_sent_at is not None:
-            waited = now - self.request_sent_at
-            if waited > self.config.pipeline.request_timeout_s:
-                raise LearnerUnresponsive(
-                    f"sampler {self.sampler_id}: the learner is unresponsive: the dispatcher at "
-                    f"{self.endpoints.work} did not answer a work request within {waited:.0f} s "
-                    f"(pipeline.request_timeout_s = {self.config.pipeline.request_timeout_s:g})"
-                )
-            return
-        want = self.config.rollout.gen_batch_size - self.assembler.num_new
-        if want > 0 and now >= self.retry_at and self.weights_ok:
-            self._send_control(WorkRequest(sampler_id=self.sampler_id, version=self.engine.version, max_prompts=want))
-            self.request_sent_at = now
-
-    def _await_work_answer(self) -> None:
-        """Handle messages until the outstanding work request is answered, at most WORK_ANSWER_WAIT_S after
-        it was sent (an older request is not waited for)."""
-        if self.request_sent_at is None:
-            return
-        start = time.perf_counter()
-        deadline = self.request_sent_at + WORK_ANSWER_WAIT_S
-        while self.request_sent_at is not None and self.stopping is None and (left := deadline - time.monotonic()) > 0:
-            self._drain(left)
-        if self.t_first_work is not None:
-            self.stats["idle_s"] += time.perf_counter() - start
-
     def _heartbeat(self) -> None:
         """Also beat on the work channel now and then: the learner answers a sampler it lost with Rejoin."""
         now = time.monotonic()
         if now - self.last_heartbeat >= HEARTBEAT_EVERY_S:
             version, pending, state = self._status()
-            self._send_control(
-                Heartbeat(sampler_id=self.sampler_id, version=version, num_pending=pending, state=state[:200])
+            beat = Heartbeat(
+                sampler_id=self.sampler_id,
+                version=version,
+                num_pending=pending,
+                state=state[:200],
+                times=self.clock.snapshot(),
             )
+            self._send_control(beat)
             self.last_heartbeat = now
 
-    # ---- generation --------------------------------------------------------------------------------------
-    def _generate(self, batch: Sequence[tuple[PromptWork, int]]) -> list[list[Response]]:
+    # ---- work --------------------------------------------------------------------------------------------
+    def _draining(self) -> bool:
+        """Mode `wait` with an update pending: no new training requests until those in flight finish."""
+        return self.pending_update is not None and self.config.rollout.weight_update_mode == "wait"
+
+    def _capacity(self) -> int:
+        return self.engine.max_num_seqs
+
+    def _maybe_request_work(self) -> None:
+        now = time.monotonic()
+        timeout = self.config.pipeline.request_timeout_s
+        if self.request_sent_at is not None:
+            if now - self.request_sent_at > timeout:
+                raise LearnerUnresponsive(
+                    f"sampler {self.sampler_id}: the learner is unresponsive: the dispatcher at "
+                    f"{self.endpoints.work} did not answer a work request within {now - self.request_sent_at:.0f} "
+                    f"s (pipeline.request_timeout_s = {timeout:g})"
+                )
+            return
+        if now < self.retry_at or not self.sync.weights_ok or self._draining():
+            return
+        screening = sum(1 for s in self.book.stages() if not s.is_eval and s.work.stage == "screen")
+        want = min(
+            self.config.rollout.gen_batch_size - screening - self.assembler.num_new,
+            math.ceil(2 * self._capacity() / self.config.rollout.n) - self.assembler.num_new,
+        )
+        if want > 0:
+            msg = WorkRequest(sampler_id=self.sampler_id, version=self.engine.version, max_prompts=want)
+            self._send_control(msg)
+            self.request_sent_at = now
+
+    def _submit(self) -> None:
+        """Fill the engine: evaluation items, every waiting continuation, then new screens while there is room."""
         version = self.engine.version
-        start = time.perf_counter()
-        self._doing(f"generating {sum(n for _, n in batch)} samples at version {version}")
-        completions = self.engine.generate([w.prompt_token_ids for w, _ in batch], [n for _, n in batch], self.settings)
-        self._doing("scoring")
-        self.stats["generation_s"] += time.perf_counter() - start
-        self.stats["calls"] += 1
-        items, owners = [], []
-        for i, ((work, _), comps) in enumerate(zip(batch, completions, strict=True)):
-            for comp in comps:
-                text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
-                items.append((text, work.ground_truth))
-                owners.append(i)
-        start = time.perf_counter()
-        scores = self.rewards.score_batch(items)
-        self.stats["scoring_s"] += time.perf_counter() - start
-        out: list[list[Response]] = [[] for _ in batch]
-        buffer, max_len = self.config.algorithm.overlong_buffer, self.config.rollout.max_response_length
-        flat = [c for comps in completions for c in comps]
-        for owner, comp, score in zip(owners, flat, scores, strict=True):
-            length = len(comp.token_ids)
-            self.stats["generated_tokens"] += length
-            reward = score + (overlong_penalty(length, max_len, buffer) if buffer > 0 else 0.0)
-            out[owner].append(
-                Response(
-                    token_ids=np.asarray(comp.token_ids, dtype=np.int32),
-                    logprobs=np.asarray(comp.logprobs, dtype=np.float32),
-                    finish_reason=comp.finish_reason,
-                    score=float(score),
-                    reward=float(reward),
-                    version_min=version,
-                    version_max=version,
-                )
-            )
-        return out
+        for work, eval_version in self.eval_items:
+            self._open(work, work.num_screen, version, eval_version)
+        self.eval_items = []
+        if self._draining():
+            return
+        rollout = self.config.rollout
+        room = self._capacity() - self.engine.num_unfinished - self.assembler.num_continue * rollout.n_continue
+        batch = self.assembler.next_batch(max(0, room // rollout.n))
+        for work, count in batch:
+            self._open(work, count, version, None)
 
-    def _emit_outcome(self, outcome: Outcome | None) -> None:
-        if isinstance(outcome, ScreenOutcome):
-            w = outcome.work
-            self._emit(
-                ScreenReport(
-                    sampler_id=self.sampler_id,
-                    prompt_id=w.prompt_id,
-                    epoch=w.epoch,
-                    version=outcome.version,
-                    rewards=outcome.scores,
-                    qualified=outcome.qualified,
-                )
-            )
-        elif isinstance(outcome, CompletedGroup):
-            self._emit(rollout_group_message(self.sampler_id, outcome))
-        elif isinstance(outcome, DroppedGroup):
-            w = outcome.work
-            self._emit(
-                GroupDropped(
-                    sampler_id=self.sampler_id,
-                    prompt_id=w.prompt_id,
-                    epoch=w.epoch,
-                    version=outcome.version,
-                    reason=outcome.reason,
-                    rewards=outcome.scores,
-                )
-            )
+    def _open(self, work: PromptWork, count: int, version: int, eval_version: int | None) -> None:
+        for rid in self.book.open(work, count, version, eval_version):
+            self.engine.submit(rid, work.prompt_token_ids, self.settings)
+            self.counters["requests"] += 1
 
+    def _run_engine(self) -> None:
+        """One engine step; its finished samples go to the reward pool."""
+        train, evals = self.book.in_flight()
+        self.counters["engine_steps"] += 1
+        self.counters["sequence_steps"] += train + evals
+        self.clock.switch("generating")
+        finished = self.engine.step()
+        self.book.charge(self.clock.split({"generating": train, "evaluating": evals}))
+        done = []
+        for rid, completion in finished:
+            found = self.book.finish(rid)
+            if found is not None:
+                stage, index, version = found
+                done.append((stage, index, completion, version, self.engine.version))
+                self.counters["generated_tokens"] += len(completion.token_ids)
+        self.scorer.submit(done)
+
+    def _collect_scores(self, timeout_s: float) -> None:
+        """Attach the scores that came back; emit every stage they complete."""
+        for stage, index, response in self.scorer.collect(timeout_s):
+            if not self.book.add_response(stage, index, response):
+                continue
+            responses = stage.ordered_responses()
+            if stage.is_eval:
+                msg = eval_result_message(
+                    self.sampler_id, stage.work, int(stage.eval_version), responses, stage.engine_s
+                )
+            else:
+                msg = outcome_message(self.sampler_id, self.assembler.complete(stage.work, responses))
+            if msg is not None:
+                self._emit(msg)
+
+    # ---- weights -----------------------------------------------------------------------------------------
+    def _maybe_update(self) -> None:
+        """Load pending weights between two engine steps, as rollout.weight_update_mode says."""
+        update = self.pending_update
+        if update is None:
+            return
+        if any(s.is_eval and s.eval_version < update.version for s in self.book.stages()) or self.eval_items:
+            return  # evaluations of older weights finish first
+        mode = self.config.rollout.weight_update_mode
+        if mode == "wait" and any(not s.is_eval for s in self.book.stages() if s.outstanding):
+            return  # draining
+        self.pending_update = None
+        if mode == "abort":
+            self._drop_work(lambda s: bool(s.outstanding), "aborted")
+        self.clock.switch("weights")
+        if self.sync.receive(update) is None:
+            return
+        # Work whose first request is more than k versions older than these weights can never be trained.
+        oldest = update.version - self.config.pipeline.max_staleness
+        self._drop_work(lambda s: s.first_version < oldest, "stale_in_flight")
+
+    def _drop_work(self, which: Callable[[Stage], bool], reason: str) -> None:
+        """Abort the training stages `which` selects, in the engine and the book; return their prompts."""
+        stages, ids = self.book.abort(lambda s: not s.is_eval and which(s))
+        self.engine.abort(ids)
+        self.counters["aborted_requests"] += len(ids)
+        for stage in stages:
+            self.counters["returned_prompts"] += 1
+            self._emit(dropped_message(self.sampler_id, stage.work, reason, stage.first_version))
+
+    # ---- the loop ----------------------------------------------------------------------------------------
     def step(self) -> bool:
         """One turn of the loop; returns False once told to stop."""
         self._drain(0.0)
         if self.stopping is not None:
             return False
-        update = self.pending_update
-        if update is not None and not (self.eval_items and self.eval_version < update.version and self.weights_ok):
-            self.pending_update = None
-            self._receive(update)
+        self._maybe_update()
         self._maybe_request_work()
-        self._await_work_answer()
         self._heartbeat()
-        self._check_weights_wait()
-        if not self.weights_ok:
-            self._doing("waiting for complete weights")
+        self.sync.check_wait()
+        if not self.sync.weights_ok:
+            self.clock.switch("idle_weights")
             self._drain(0.05)
             return self.stopping is None
-        train_batch = self.assembler.next_batch(self.config.rollout.gen_batch_size)
-        eval_batch = [(w, w.num_screen) for w in self.eval_items]
-        self.eval_items = []
-        if not train_batch and not eval_batch:
-            start = time.perf_counter()
-            self._doing("idle")
-            self._drain(0.05)
-            if self.t_first_work is not None:
-                self.stats["idle_s"] += time.perf_counter() - start
-            return self.stopping is None
-        if eval_batch:  # a call of its own, so the time evaluation takes from training is measured
-            self._evaluate(eval_batch)
-        if train_batch:
-            responses = self._generate(train_batch)
-            for (work, _), resp in zip(train_batch, responses, strict=True):
-                self._emit_outcome(self.assembler.complete(work, resp))
-        return True
-
-    def _evaluate(self, batch: Sequence[tuple[PromptWork, int]]) -> None:
-        start = time.perf_counter()
-        responses = self._generate(batch)
-        elapsed = time.perf_counter() - start
-        self.stats["eval_s"] += elapsed
-        share = elapsed / len(batch)
-        for (work, _), resp in zip(batch, responses, strict=True):
-            self._emit(
-                EvalResult(
-                    sampler_id=self.sampler_id,
-                    prompt_id=work.prompt_id,
-                    data_source=work.data_source,
-                    version=resp[0].version_min,
-                    scores=np.array([r.score for r in resp], dtype=np.float32),
-                    response_lengths=np.array([len(r.token_ids) for r in resp], dtype=np.int32),
-                    seconds=share,
-                )
-            )
+        self._submit()
+        if self.engine.num_unfinished:
+            self._run_engine()
+            self._collect_scores(0.0)
+        elif self.scorer.pending:
+            self.clock.switch("scoring")
+            self._collect_scores(IDLE_WAIT_S)
+        else:
+            self.clock.switch("idle_weights" if self.bound_wait or self.pending_update else "idle_work")
+            self._drain(IDLE_WAIT_S)
+        return self.stopping is None
 
     def run(self) -> str:
         """Say hello, then loop until the dispatcher says stop; returns the reason."""
@@ -480,14 +389,17 @@ class SamplerLoop:
         self.heartbeat.start()
         while self.step():
             pass
-        if self.t_first_work is not None:
-            self.stats["wall_s"] = time.perf_counter() - self.t_first_work
         return self.stopping or "stopped"
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Where the sampler's time went (seconds per activity, since its start) and its counters."""
+        return {**{f"{k}_s": v for k, v in self.clock.totals().items()}, **self.counters}
 
     def close(self) -> None:
         """Release the engine, the reward workers and the sockets."""
         self.heartbeat.stop()
-        self.rewards.close()
+        self.scorer.close()
         self.dealer.close()
         self.push.close()
         self.ctx.close()

@@ -1,11 +1,11 @@
-"""Between the wire and the sampler's work: WorkItem in, RolloutGroup out."""
+"""Between the wire and the sampler's work: WorkItem in; ScreenReport, RolloutGroup, GroupDropped, EvalResult out."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from speed_async.curriculum.groups import CompletedGroup, PromptWork
-from speed_async.protocol import RolloutGroup
+from speed_async.curriculum.groups import CompletedGroup, DroppedGroup, Outcome, PromptWork, Response, ScreenOutcome
+from speed_async.protocol import EvalResult, GroupDropped, Message, RolloutGroup, ScreenReport
 
 
 def work_from_item(item: object) -> PromptWork:
@@ -39,4 +39,52 @@ def rollout_group_message(sampler_id: int, group: CompletedGroup) -> RolloutGrou
         version_min=np.array([r.version_min for r in rs], dtype=np.int32),
         version_max=np.array([r.version_max for r in rs], dtype=np.int32),
         num_screen=group.num_screen,
+    )
+
+
+def dropped_message(
+    sampler_id: int, work: PromptWork, reason: str, version: int, scores: np.ndarray | None = None
+) -> GroupDropped:
+    """`work` yields no group from this sampler (`reason`); `scores` are those of its screen, if any."""
+    return GroupDropped(
+        sampler_id=sampler_id,
+        prompt_id=work.prompt_id,
+        epoch=work.epoch,
+        version=version,
+        reason=reason,
+        rewards=np.zeros(0, dtype=np.float32) if scores is None else scores,
+    )
+
+
+def outcome_message(sampler_id: int, outcome: Outcome | None) -> Message | None:
+    """The message for what a completed stage came to: a screen's report, a group, a drop (or nothing)."""
+    if isinstance(outcome, ScreenOutcome):
+        w = outcome.work
+        return ScreenReport(
+            sampler_id=sampler_id,
+            prompt_id=w.prompt_id,
+            epoch=w.epoch,
+            version=outcome.version,
+            rewards=outcome.scores,
+            qualified=outcome.qualified,
+        )
+    if isinstance(outcome, CompletedGroup):
+        return rollout_group_message(sampler_id, outcome)
+    if isinstance(outcome, DroppedGroup):
+        return dropped_message(sampler_id, outcome.work, outcome.reason, outcome.version, outcome.scores)
+    return None
+
+
+def eval_result_message(
+    sampler_id: int, work: PromptWork, version: int, responses: list[Response], seconds: float
+) -> EvalResult:
+    """The scores of one held-out item evaluated at weights `version` (`seconds`: its share of the engine)."""
+    return EvalResult(
+        sampler_id=sampler_id,
+        prompt_id=work.prompt_id,
+        data_source=work.data_source,
+        version=version,
+        scores=np.array([r.score for r in responses], dtype=np.float32),
+        response_lengths=np.array([len(r.token_ids) for r in responses], dtype=np.int32),
+        seconds=seconds,
     )

@@ -95,7 +95,7 @@ def examples() -> dict[str, Message]:
         JoinSyncGroup(generation=2, master_addr="10.0.0.1", master_port=29500, world_size=3, rank=2, timeout_s=60.0),
         UpdateWeights(version=6, generation=2, num_buckets=4),
         SyncDone(sampler_id=3, version=6, seconds=1.5),
-        Heartbeat(sampler_id=3, version=6, num_pending=17, state="generating"),
+        Heartbeat(sampler_id=3, version=6, num_pending=17, state="generating", times=np.arange(7, dtype="<f8")),
         Shutdown(reason="done"),
         SyncFailed(sampler_id=3, generation=2, version=6, error="bucket 0 of 1 timed out"),
         Rejoin(reason="declared lost after 120 s of silence"),
@@ -169,10 +169,10 @@ def test_decoded_arrays_are_numpy_views_with_wire_dtypes() -> None:
 def test_exact_frame_layout_of_a_small_message() -> None:
     # body = fixmap(1) 0x81, fixstr(6) 0xa6 "reason", fixstr(1) 0xa1 "x"  -> 1 + 7 + 2 = 10 bytes
     body = b"\x81\xa6reason\xa1x"
-    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", the version as a positive fixint (2: 0x02),
+    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", the version as a positive fixint (3: 0x03),
     # bin8 0xc4 0x0a + body, nil 0xc0
     version = bytes([SCHEMA_VERSION])
-    assert version == b"\x02"
+    assert version == b"\x03"
     assert encode(Shutdown(reason="x")) == b"\x94\xa8shutdown" + version + b"\xc4\x0a" + body + b"\xc0"
     # mac = HMAC-SHA256(key, packb("shutdown") || packb(version) || body); bin8 0xc4 0x20 + 32 bytes
     mac = hmac.new(KEY, b"\xa8shutdown" + version + body, hashlib.sha256).digest()
