@@ -42,7 +42,7 @@ from benchmarks.runs import (  # noqa: E402
 
 def lag_histogram(run_dir: Path) -> Counter[int]:
     """How many trained groups had each lag (effective ledger history)."""
-    from speed_async.learner.ledger import read_ledger
+    from speed_async.orchestrator.ledger import read_ledger
 
     return Counter(int(e["lag"]) for e in read_ledger(run_dir) if e["event"] == "trained" and not e.get("rolled_back"))
 

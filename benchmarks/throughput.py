@@ -8,8 +8,8 @@ From each run, over the steps after the first (step 0 pays for warm-up and is ex
 - median wall-clock seconds per RL step (`time/step` in metrics.jsonl);
 - trained tokens/s = sum `train/response_tokens` / sum `time/step`;
 - learner busy = 1 - sum `time/wait_batch` / sum `time/step`;
-- generated tokens/s and sampler busy = (generation_s + scoring_s + weight_sync_s) / wall_s from
-  sampler-0.json (its window runs from its first work to the end of the run, warm-up step included);
+- generated tokens/s and sampler busy = (generating_s + scoring_s + weights_s + sending_s) / its whole time
+  from sampler-0.json (its activity clock, speed_async.sampler.activity; from its start to the end of the run);
 - busy concurrency = sampler busy + learner busy: at most 1 when the two take turns (k = 0), up to the ideal
   speedup below when they overlap; measured within one run, it is far less sensitive to machine load than
   step times compared across runs;
@@ -67,7 +67,8 @@ def summarize(run_dir: Path) -> dict[str, float]:
     if not sampler_path.is_file():
         raise FileNotFoundError(f"{sampler_path} does not exist: the sampler did not finish cleanly")
     s = json.loads(sampler_path.read_text())
-    sampler_busy_s = s["generation_s"] + s["scoring_s"] + s["weight_sync_s"]
+    sampler_busy_s = s["generating_s"] + s["evaluating_s"] + s["scoring_s"] + s["weights_s"] + s["sending_s"]
+    sampler_wall_s = sum(v for k, v in s.items() if k.endswith("_s"))
     trained_all = sum(r["train/response_tokens"] for r in steps)
     return {
         "steps_timed": float(len(timed)),
@@ -79,17 +80,17 @@ def summarize(run_dir: Path) -> dict[str, float]:
         "learner_busy": 1.0 - sum(r["time/wait_batch"] for r in timed) / total,
         "learner_busy_s_per_step": statistics.mean(busy_learner),
         "wait_batch_s_median": statistics.median(r["time/wait_batch"] for r in timed),
-        "generated_tokens_per_s": s["generated_tokens"] / s["wall_s"],
+        "generated_tokens_per_s": s["generated_tokens"] / sampler_wall_s,
         "generated_tokens_per_step": s["generated_tokens"] / len(steps),
         "generated_per_trained_token": s["generated_tokens"] / trained_all,
         "sampler_busy_s_per_1k_tokens": 1000.0 * sampler_busy_s / max(1, s["generated_tokens"]),
-        "sampler_busy": sampler_busy_s / s["wall_s"],
+        "sampler_busy": sampler_busy_s / sampler_wall_s,
         "sampler_busy_s_per_step": sampler_busy_s / len(steps),
-        "sampler_generation_s_per_step": s["generation_s"] / len(steps),
+        "sampler_generation_s_per_step": s["generating_s"] / len(steps),
         "sampler_scoring_s_per_step": s["scoring_s"] / len(steps),
-        "sampler_weight_sync_s_per_step": s["weight_sync_s"] / len(steps),
-        "sampler_calls_per_step": s["calls"] / len(steps),
-        "busy_concurrency": sampler_busy_s / s["wall_s"] + 1.0 - sum(r["time/wait_batch"] for r in timed) / total,
+        "sampler_weight_sync_s_per_step": s["weights_s"] / len(steps),
+        "engine_occupancy": s["sequence_steps"] / max(1, s["engine_steps"]),
+        "busy_concurrency": sampler_busy_s / sampler_wall_s + 1.0 - sum(r["time/wait_batch"] for r in timed) / total,
         "staleness_mean": statistics.mean(r["staleness/mean"] for r in timed),
         "dropped_stale_groups": float(steps[-1].get("dropped/stale_groups", 0.0)),
         "accept_rate": float(steps[-1].get("curriculum/accept_rate", float("nan"))),
@@ -145,7 +146,7 @@ COLUMNS = [
     ("sampler_busy_s_per_step", "sampler busy s/step"),
     ("learner_busy_s_per_step", "learner busy s/step"),
     ("generated_per_trained_token", "gen/trained tok"),
-    ("sampler_calls_per_step", "calls/step"),
+    ("engine_occupancy", "engine occupancy"),
     ("sampler_busy_s_per_1k_tokens", "sampler s/1k tok"),
     ("staleness_mean", "staleness"),
     ("dropped_stale_groups", "stale drops"),
@@ -251,9 +252,9 @@ def notes_for(runs: Mapping[int, Mapping[str, float]], ov: Mapping[str, float]) 
             "An overlap efficiency above 1 means the k=0 run is not a fixed amount of work that k=1 merely "
             "overlaps: the synchronous sampler is less efficient per token (sampler busy seconds per 1k generated "
             f"tokens k=0 {k0['sampler_busy_s_per_1k_tokens']:.2f} vs k=1 {k1['sampler_busy_s_per_1k_tokens']:.2f}; "
-            f"generation calls per step k=0 {k0['sampler_calls_per_step']:.1f} vs k=1 "
-            f"{k1['sampler_calls_per_step']:.1f}): at k=0 each step ends with small continuation calls for its "
-            "last groups, while at k>=1 those are fused with the next step's screening. Machine load and run-to-run "
+            f"engine occupancy k=0 {k0['engine_occupancy']:.0f} vs k=1 {k1['engine_occupancy']:.0f} sequences per "
+            "step): at k=0 each step ends with its last groups alone in the engine, while at k>=1 the next step's "
+            "screens run beside them. Machine load and run-to-run "
             "sampling noise also move these numbers; read the ideal as a rough bound, not an exact one.",
         ]
     elif ov["overlap_efficiency"] < 0.9:

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from speed_async.config import Config, config_from_dict
@@ -27,19 +28,32 @@ EXIT_LEARNER_UNRESPONSIVE = 3
 restarting the sampler."""
 
 
-def cpu_plan(config: Config) -> tuple[list[str], list[str]]:
-    """Cores for the learner and for each sampler on a CPU machine: dedicated cores when there are enough
-    (like dedicated GPUs), otherwise everything shared."""
+@dataclass(frozen=True)
+class CpuPlan:
+    """Which cores each role of a single-machine CPU run may use (comma-separated core lists)."""
+
+    learner: str
+    samplers: list[str]
+    """One list per sampler; its vLLM engine binds one thread to each of them."""
+    rewards: str
+    """The samplers' reward worker processes (scoring runs beside generation, on whatever core is free)."""
+
+
+def cpu_plan(config: Config) -> CpuPlan:
+    """Cores of every role on a CPU machine. With a core for each, the learner ranks take the first ones and the
+    samplers share out the rest (like dedicated GPUs); with fewer cores than roles, each sampler still gets a
+    core of its own (round robin) and the learner runs on all of them, time-sharing with the samplers. Reward
+    workers may run on every core: they score while the engine generates, so they take what is idle (on a
+    2-core machine mostly the learner's core while it waits for a batch)."""
     cores = sorted(os.sched_getaffinity(0))
+    every = ",".join(map(str, cores))
     learners, samplers = config.cluster.num_learner_ranks, config.cluster.num_samplers
     if len(cores) < learners + samplers:
-        shared = ",".join(map(str, cores))
-        return [shared], [shared] * samplers
+        return CpuPlan(every, [str(cores[i % len(cores)]) for i in range(samplers)], every)
     per_sampler = max(1, (len(cores) - learners) // samplers)
-    learner_cores = ",".join(map(str, cores[:learners]))
     rest = cores[learners:]
     sampler_cores = [",".join(map(str, rest[i * per_sampler : (i + 1) * per_sampler])) for i in range(samplers)]
-    return [learner_cores], sampler_cores
+    return CpuPlan(",".join(map(str, cores[:learners])), sampler_cores, every)
 
 
 def role_commands(
@@ -48,14 +62,14 @@ def role_commands(
     """(role, argv, extra env) of every process of a single-machine run (`resume`: the learner continues
     from the run's newest checkpoint)."""
     on_cpu = config.cluster.device == "cpu" or (config.cluster.device == "auto" and not _has_cuda())
-    learner_cores, sampler_cores = cpu_plan(config) if on_cpu else ([""], [""] * config.cluster.num_samplers)
+    plan = cpu_plan(config) if on_cpu else CpuPlan("", [""] * config.cluster.num_samplers, "")
     py = sys.executable
     learner = [
         py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.cluster.num_learner_ranks}",
         "-m", "launcher.roles", "learner", "--run-dir", str(run_dir), "--model", model,
     ]  # fmt: skip
-    if learner_cores[0]:
-        learner += ["--cpus", learner_cores[0]]
+    if plan.learner:
+        learner += ["--cpus", plan.learner]
     if resume:
         learner.append("--resume")
     cmds: list[tuple[str, list[str], dict[str, str]]] = [("learner", learner, {"OMP_NUM_THREADS": "1"})]
@@ -63,9 +77,9 @@ def role_commands(
         argv = [py, "-m", "launcher.roles", "sampler", "--run-dir", str(run_dir), "--model", model]
         argv += ["--sampler-id", str(i)]
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        if sampler_cores[i]:
-            argv += ["--cpus", sampler_cores[i]]
-            env["VLLM_CPU_OMP_THREADS_BIND"] = sampler_cores[i]
+        if plan.samplers[i]:
+            argv += ["--cpus", plan.samplers[i], "--reward-cpus", plan.rewards]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = plan.samplers[i]
         cmds.append((f"sampler[{i}]", argv, env))
     return cmds
 
@@ -95,9 +109,13 @@ def wait_for_endpoints(run_dir: Path, timeout_s: float) -> dict:
     return found
 
 
+def _cores(cores: str | None) -> set[int] | None:
+    return {int(c) for c in cores.split(",")} if cores else None
+
+
 def _pin_cpus(cores: str | None) -> None:
     if cores:
-        os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
+        os.sched_setaffinity(0, _cores(cores))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="HF model directory")
     parser.add_argument("--sampler-id", type=int, default=0)
     parser.add_argument("--cpus", default=None, help="comma-separated CPU cores to pin this process to")
+    parser.add_argument("--reward-cpus", default=None, help="sampler: cores its reward worker processes may use")
     parser.add_argument("--resume", action="store_true", help="learner: continue from the newest checkpoint")
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")
@@ -134,15 +153,22 @@ def main(argv: list[str] | None = None) -> int:
         args.model,
         args.sampler_id,
         lambda: wait_for_endpoints(args.run_dir, config.pipeline.startup_timeout_s),
+        reward_cpus=_cores(args.reward_cpus),
     )
 
 
 def run_sampler(
-    config: Config, run_dir: Path, model: str, sampler_id: int, endpoints: dict | Callable[[], dict]
+    config: Config,
+    run_dir: Path,
+    model: str,
+    sampler_id: int,
+    endpoints: dict | Callable[[], dict],
+    reward_cpus: set[int] | None = None,
 ) -> int:
-    """Run sampler `sampler_id` against the learner's `endpoints` until the learner stops it; its time
-    budget goes to run_dir/sampler-<id>.json. Returns 0, or EXIT_LEARNER_UNRESPONSIVE (3) after logging what
-    it waited for when the learner stopped answering."""
+    """Run sampler `sampler_id` against the learner's `endpoints` until the learner stops it (its reward
+    workers on `reward_cpus`, default: the sampler's own); its time budget goes to run_dir/sampler-<id>.json.
+    Returns 0, or EXIT_LEARNER_UNRESPONSIVE (3) after logging what it waited for when the learner stopped
+    answering."""
     from speed_async.sampler.loop import LearnerUnresponsive, SamplerEndpoints, SamplerLoop
     from speed_async.transport import load_shared_key
 
@@ -163,6 +189,7 @@ def run_sampler(
         model,
         key=load_shared_key(config.cluster.shared_key_file or None),
         device=device,
+        reward_cpus=reward_cpus,
     )
     log = logging.getLogger("speed_async.sampler")
     try:

@@ -35,17 +35,17 @@ import pytest
 import zmq
 
 from speed_async.learner.checkpoint import effective
-from speed_async.learner.ledger import read_ledger
 from speed_async.metrics import read_metrics
+from speed_async.orchestrator.ledger import read_ledger
 from speed_async.protocol import ScreenReport, WorkRequest, encode
 from tests.e2e.harness import FATES, REPO, check_accounting, role_env
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 28
-"""Long enough that the first restarted sampler (a vLLM start-up, about a minute) rejoins and gets work before
-sampler 0 alone has trained the rest: at 16 the run ended first in one run of 2 (sampler 0 is faster since the
-pacing fix)."""
+STEPS = 64
+"""Long enough that the first restarted sampler (a vLLM start-up, 30 s to a minute) rejoins and gets work before
+sampler 0 alone has trained the rest: with the continuous sampler, 28 steps took 47 s and the run ended first
+(at 16 it did once already with the round-based sampler)."""
 BATCH = 4
 K = 1
 SAMPLER_TIMEOUT_S = 8.0

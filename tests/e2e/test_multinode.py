@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from launcher.train import free_port
-from speed_async.learner.ledger import read_ledger
 from speed_async.metrics import read_metrics
+from speed_async.orchestrator.ledger import read_ledger
 from tests.e2e.harness import REPO, role_env
 
 pytestmark = pytest.mark.e2e

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from speed_async.learner.checkpoint import effective, latest_checkpoint
-from speed_async.learner.ledger import read_ledger
 from speed_async.metrics import read_metrics
+from speed_async.orchestrator.ledger import read_ledger
 from tests.e2e.harness import REPO, check_accounting, role_env
 
 pytestmark = pytest.mark.e2e
