@@ -30,9 +30,9 @@ from torch.distributed.tensor import DTensor
 
 from speed_async.algorithms import group_advantages, kl_loss, policy_loss, truncated_importance_weights
 from speed_async.config import Config
+from speed_async.curriculum.train_group import TrainGroup
 from speed_async.learner.batch import (
     MicroBatch,
-    TrainGroup,
     build_micro_batches,
     empty_micro_batch,
     split_response_values,
