@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 from launcher.plot import plot_runs
+from speed_async.accounting import format_summary, summarize
 from speed_async.metrics import read_metrics
 
 
@@ -24,11 +25,13 @@ def eval_history(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
 
 
 def final_report(run_dir: Path) -> str:
-    """A few lines: accuracy first -> last per source, wall-clock, and the paths of results and plot."""
+    """A few lines: accuracy first -> last per source, wall-clock, where the step time went (learner parts and
+    each sampler's activities, `speed_async.accounting`), and the paths of results and plot."""
     lines = [f"run finished: {run_dir}"]
     records = [r for r in read_metrics(run_dir) if "time/step" in r]
     if records:
-        lines.append(f"  RL steps: {len(records)} in {records[-1]['time/wall']:.0f} s")
+        lines.append(f"  RL steps: {len(records)} in {records[-1]['time/wall']:.0f} s; where the step time went:")
+        lines.extend("  " + line for line in format_summary(summarize(records)))
     for source, points in eval_history(run_dir).items():
         points.sort()
         (s0, _, a0), (s1, _, a1) = points[0], points[-1]

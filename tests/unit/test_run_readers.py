@@ -92,3 +92,12 @@ def test_read_metrics_leaves_the_line_being_written_and_names_a_damaged_one(tmp_
     _write(metrics, [_step(0)], tail="[1, 2]\n")
     with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not a JSON object"):
         read_metrics(tmp_path)
+
+
+def test_the_final_report_says_where_the_step_time_went(tmp_path: Path) -> None:
+    split = {"step/learner/forward": 0.25, "step/learner/wait_batch": 0.75, "step/sampler0/generating": 1.0}
+    _write(tmp_path / "metrics.jsonl", [{**_step(s), **split} for s in range(4)])
+    report = final_report(tmp_path)
+    assert "RL steps: 4 in 8 s; where the step time went:" in report
+    assert "learner: wait_batch 75%, forward 25% of 4 s" in report
+    assert "sampler0: generating 100% of 4 s" in report
