@@ -5,7 +5,9 @@ band, of size n + n_continue, with the rejected prompts reported; plain groups a
 zero-variance groups and reports them. Rewards are recomputed from the decoded responses, and behaviour
 log-probs are compared with a transformers forward pass of the same weights. In one of them the "learner"
 then stops answering, and the sampler must report it (naming what it waited for) and exit with status 3
-within pipeline.request_timeout_s.
+within pipeline.request_timeout_s. In plain mode every group goes to the engine at once, and each must be
+streamed when its own longest response is done, not when the longest of all is: the order of arrival follows
+the groups' longest responses.
 """
 
 from __future__ import annotations
@@ -167,7 +169,30 @@ def test_plain_mode_emits_every_group_then_reports_a_hung_learner(tmp_path: Path
     assert sorted(g.prompt_id for g in groups) == list(range(NUM_PROMPTS))
     assert all(g.num_responses == 6 for g in groups)
     assert not [m for m in results if isinstance(m, ScreenReport | GroupDropped)]
+    # All 12 prompts ran in the engine together; a group is emitted when its longest response is scored, so
+    # groups arrive in the order of their longest responses (ties and scoring batches aside). A sampler that
+    # emitted after its longest request of all (one generate call per round) orders them by prompt instead:
+    # a rank correlation of 0.6 or more then has a chance of about 2% over 12 groups.
+    longest = [float(g.response_lengths.max()) for g in groups]
+    assert min(longest) < max(longest), f"the responses' lengths did not spread: {longest}"
+    rho = _spearman(list(range(len(groups))), longest)
+    assert rho >= 0.6, f"groups arrived in this order of longest responses: {longest} (rank correlation {rho:.2f})"
     _check_rewards_and_logprobs(groups[:3], items, model)
+
+
+def _rank(values: list[float]) -> np.ndarray:
+    """Ranks (0-based, ties averaged) of `values`."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    for v in set(values):
+        tied = [i for i, x in enumerate(values) if x == v]
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    return float(np.corrcoef(_rank(a), _rank(b))[0, 1])
 
 
 def test_dapo_mode_drops_zero_variance_groups(tmp_path: Path, tiny_model_dir: Path) -> None:
