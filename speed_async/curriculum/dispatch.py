@@ -1,19 +1,27 @@
 """Dispatcher-side curriculum state: the data cursor, in-flight prompts, ready groups, pacing, staleness.
 
 The dispatcher (learner rank 0) is the one owner of this object, which makes checkpoint/resume exact and lets
-a dead sampler's work be re-issued. The pacing rule keeps stale drops rare:
+a dead sampler's work be re-issued. Pacing keeps generated work usable within the bound k:
 
-    work handed out while samplers hold version v can be trained at steps first = max(v, next_step) .. v + k
-    room  = (#those steps) * train_batch_size  -  ready groups  -  expected groups still in flight,
-            counting only ready and in-flight work that can itself still be trained at step `first` or later
-    hand out ceil(room / accept_rate) new prompts (accept_rate: running SPEED/DAPO yield, 1 for plain groups)
+    a group of version v can fill a batch slot of the steps max(v, next_step) .. v + k
+    open slots(v) = those steps' slots left once the ready groups, the continuations in flight and (for new
+                    screens) the screens in flight at the running accept rate are placed, earliest deadline
+                    (version + k) first
+    new prompts:     a sampler at version v gets ceil(open slots(v) / yield) of them, yield = accept_rate
+                     (SPEED: accept_rate / SCREEN_SURPLUS, the surplus covering the yield's variance)
+    continuations:   a qualified screen of version v is continued only while open slots(v) >= 1, counting
+                     ready groups and continuations but not screens; otherwise the dispatcher declines it
+                     (its prompt is handed out again later), so that no 12-sample continuation is generated
+                     for a step whose batch is already full
 
 The yield is a running mean over the last ~ACCEPT_WINDOW screened prompts, started from a prior worth
-ACCEPT_PRIOR_WEIGHT prompts. (An average over the last ~10, as before, swung between 0.1 and 0.3 at a true
-yield of 0.2, so the hand-out swung 3x and a quarter of the qualified prompts at k = 0 were continued and then
-dropped as stale.)
+ACCEPT_PRIOR_WEIGHT prompts. (An average over the last ~10 swung between 0.1 and 0.3 at a true yield of 0.2.)
+A SPEED screen costs n samples and its continuation n_continue; declining a surplus screen wastes the former
+only, where continuing every qualified prompt (the reference code's rule) wasted both whenever more prompts
+qualified than the step needed: 143 of 1,103 continued groups in a 60-step run at k = 1 (2026-12-04).
 
-and `take_batch` still checks every group: lag = step - group version <= k, or the group is dropped (counted).
+`take_batch` takes the ready groups of the oldest versions first (earliest deadline) and still checks every
+group: lag = step - group version <= k, or the group is dropped (counted).
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ ACCEPT_WINDOW = 200
 """Screened prompts the accept-rate estimate averages over, once it has seen that many."""
 ACCEPT_PRIOR_WEIGHT = 8
 """The initial accept rate counts as this many screened prompts."""
+SCREEN_SURPLUS = 1.25
+"""SPEED hands out this many times the screens its open slots need at the running accept rate. A surplus screen
+that qualifies costs its n samples when it is declined; too few screens cost the learner a wait for another
+round of screening (~16 +- 3 of 38 prompts qualify at a yield of 0.42, so half the steps came up short)."""
 
 
 class Versioned(Protocol):
@@ -48,6 +60,8 @@ class InFlight:
     sampler_id: int
     stage: Literal["screening", "continuing"]
     issued_version: int
+    group_version: int = 0
+    """Continuing: the version of its screen, which its group will carry (the minimum over its responses)."""
 
 
 class DispatchState(Generic[G]):
@@ -77,33 +91,48 @@ class DispatchState(Generic[G]):
         self.counters: Counter[str] = Counter()
 
     # ---- pacing ------------------------------------------------------------------------------------------
-    def expected_groups_in_flight(self, first_step: int = 0) -> float:
-        """Groups the in-flight prompts are expected to yield (screening ones at the running accept rate), of
-        those issued recently enough to be trained at `first_step` or later."""
-        k = self.max_staleness
-        return sum(
-            1.0 if f.stage == "continuing" else self.accept_rate
-            for f in self.in_flight.values()
-            if f.issued_version + k >= first_step
-        )
+    def open_slots(self, version: int, *, count_screens: bool) -> float:
+        """Batch slots that a group of `version` could still fill: the unfilled slots of the steps it can reach
+        (max(version, next_step) .. version + k) once the ready groups, the continuations in flight and, with
+        `count_screens`, the screens in flight (each worth the accept rate) are placed, earliest deadline
+        first, each in the earliest step it can reach that has room. Supply that fits no step is ignored (it
+        will be dropped as stale)."""
+        k, size = self.max_staleness, self.train_batch_size
+        first, last = max(version, self.next_step), version + k
+        if last < first:
+            return 0.0
+        supply = [(g.version, 1.0) for _, g in self.ready]
+        for f in self.in_flight.values():
+            if f.stage == "continuing":
+                supply.append((f.group_version, 1.0))
+            elif count_screens:
+                supply.append((f.issued_version, self._screen_yield))
+        filled: dict[int, float] = {}
+        for v, amount in sorted(supply):  # by deadline v + k
+            step = max(v, self.next_step)
+            while amount > 1e-9 and step <= v + k:
+                take = min(amount, size - filled.get(step, 0.0))
+                filled[step] = filled.get(step, 0.0) + take
+                amount -= take
+                step += 1
+        return sum(size - filled.get(t, 0.0) for t in range(first, last + 1))
+
+    @property
+    def _screen_yield(self) -> float:
+        """Groups one screen in flight is counted as: the accept rate, less the surplus in SPEED mode (only SPEED
+        can decline what turns out to be too much)."""
+        return self.accept_rate / SCREEN_SURPLUS if self.mode == "speed" else self.accept_rate
 
     def room(self, sampler_version: int) -> float:
-        """Groups that work generated now, at `sampler_version`, could still feed within the bound: the batches of
-        the steps it can reach, less the ready and expected groups that can still be trained at those steps
-        (older ones will be dropped as stale before then and leave their place)."""
-        first = max(sampler_version, self.next_step)
-        usable_steps = max(0, sampler_version + self.max_staleness - first + 1)
-        if not usable_steps:
-            return 0.0
-        ready = sum(1 for _, g in self.ready if g.version + self.max_staleness >= first)
-        return usable_steps * self.train_batch_size - ready - self.expected_groups_in_flight(first)
+        """Groups that new screens handed out now, at `sampler_version`, could still feed within the bound."""
+        return self.open_slots(sampler_version, count_screens=True)
 
     def assign(self, sampler_id: int, sampler_version: int, max_prompts: int) -> list[Key]:
         """Prompts to hand to `sampler_id` now (possibly none); re-issued work goes first."""
         room = self.room(sampler_version)
         if room <= 0:
             return []
-        wanted = min(max_prompts, math.ceil(room / max(self.accept_rate, 0.05)))
+        wanted = min(max_prompts, math.ceil(room / max(self._screen_yield, 0.05)))
         keys: list[Key] = []
         while len(keys) < wanted:
             key = self.reissue.popleft() if self.reissue else self.cursor.next()
@@ -119,19 +148,26 @@ class DispatchState(Generic[G]):
         self.accept_rate += alpha * ((1.0 if accepted else 0.0) - self.accept_rate)
         self.accept_count += 1
 
-    def on_screened(self, key: Key, qualified: bool) -> bool:
-        """A SPEED screening result; False if the prompt is not in flight (late or duplicate: ignored)."""
+    def on_screened(self, key: Key, qualified: bool, version: int) -> Literal["ignored", "rejected", "go", "declined"]:
+        """A SPEED screening result of `version` (its responses' oldest); returns "ignored" if the prompt is not
+        screening here (late or duplicate), "rejected", "go" (continue it: a batch slot it can reach is still
+        open) or "declined" (every reachable slot is spoken for: the prompt is handed out again later)."""
         flight = self.in_flight.get(key)
         if flight is None or flight.stage != "screening":
             self.counters["ignored_results"] += 1
-            return False
+            return "ignored"
         self._update_accept_rate(qualified)
         self.counters["qualified" if qualified else "rejected"] += 1
-        if qualified:
-            flight.stage = "continuing"
-        else:
+        if not qualified:
             del self.in_flight[key]
-        return True
+            return "rejected"
+        if self.open_slots(version, count_screens=False) < 1.0 - 1e-9:
+            del self.in_flight[key]
+            self.reissue.append(key)
+            self.counters["declined"] += 1
+            return "declined"
+        flight.stage, flight.group_version = "continuing", version
+        return "go"
 
     def on_group(self, key: Key, group: G) -> bool:
         """A complete group arrived; False if the prompt is not in flight (late or duplicate: ignored)."""
@@ -173,8 +209,9 @@ class DispatchState(Generic[G]):
 
     # ---- batches -----------------------------------------------------------------------------------------
     def take_batch(self, step: int) -> tuple[list[tuple[Key, G]] | None, list[tuple[Key, G]]]:
-        """(the batch of RL step `step`, first in first out, or None if not enough usable groups are ready yet;
-        the groups dropped as stale on the way). Every group in a batch satisfies step - version <= k."""
+        """(the batch of RL step `step`: the ready groups of the oldest versions, first in first out among equal
+        versions, or None if not enough usable groups are ready yet; the groups dropped as stale on the way).
+        Every group in a batch satisfies step - version <= k."""
         assert step == self.next_step, f"batches are taken in order: expected step {self.next_step}, got {step}"
         stale = [(k, g) for k, g in self.ready if step - g.version > self.max_staleness]
         if stale:
@@ -182,7 +219,10 @@ class DispatchState(Generic[G]):
             self.counters["dropped_stale"] += len(stale)
         if len(self.ready) < self.train_batch_size:
             return None, stale
-        batch = [self.ready.popleft() for _ in range(self.train_batch_size)]
+        order = sorted(range(len(self.ready)), key=lambda i: self.ready[i][1].version)  # stable: FIFO within
+        chosen = set(order[: self.train_batch_size])
+        batch = [self.ready[i] for i in order[: self.train_batch_size]]
+        self.ready = deque(item for i, item in enumerate(self.ready) if i not in chosen)
         assert all(0 <= step - g.version <= self.max_staleness for _, g in batch)
         self.next_step += 1
         return batch, stale
@@ -208,6 +248,7 @@ class DispatchState(Generic[G]):
             "curriculum/ready_groups": float(len(self.ready)),
             "curriculum/in_flight": float(len(self.in_flight)),
             "dropped/stale_groups": float(self.counters["dropped_stale"]),
+            "curriculum/declined_continuations": float(self.counters["declined"]),
             "dropped/zero_variance_groups": float(self.counters["zero_variance"]),
             "curriculum/epoch": float(self.cursor.epoch),
         }

@@ -1,13 +1,18 @@
 """Sampler-side group assembly: SPEED screening + continuation, plain groups, DAPO dynamic sampling.
 
     work items ──► [new] ──screen (n)──► qualified? ──no──► ScreenOutcome(rejected)
-                                          │yes
+                                          │yes: ScreenOutcome(qualified)
+                                          ▼
+                                      [pending] ──decide(go=False)──► dropped (the dispatcher re-issues it)
+                                          │decide(go=True)
                                           ▼
                   [continue] ──n_continue──► CompletedGroup (screening + continuation responses)
 
-One generation call takes every waiting continuation plus up to `max_new` new prompts, so screening of fresh
-prompts and continuation of qualified ones share the engine's batch (the paper's pre-fetching). A group is
-emitted as soon as it is complete. The object is pure bookkeeping: no engine, no sockets, no clock.
+A qualified screen waits in [pending] for the dispatcher's decision (`ContinueDecision`): it is continued only
+while a batch slot it can reach is open (see `speed_async.curriculum.dispatch`). `next_batch` takes every
+waiting continuation plus up to `max_new` new prompts, so screening of fresh prompts and continuation of
+qualified ones share the engine. A group is emitted as soon as it is complete. The object is pure bookkeeping:
+no engine, no sockets, no clock.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class GroupAssembler:
         self.pass_rate_low = pass_rate_low
         self.pass_rate_high = pass_rate_high
         self._new: deque[PromptWork] = deque()
+        self._pending: dict[tuple[int, int], PromptWork] = {}
         self._continue: deque[PromptWork] = deque()
 
     def add(self, items: Iterable[PromptWork]) -> None:
@@ -115,9 +121,26 @@ class GroupAssembler:
     def num_continue(self) -> int:
         return len(self._continue)
 
+    @property
+    def num_pending(self) -> int:
+        """Qualified screens waiting for the dispatcher's decision."""
+        return len(self._pending)
+
+    def pending(self) -> list[PromptWork]:
+        """The qualified screens waiting for a decision, oldest first."""
+        return list(self._pending.values())
+
+    def decide(self, key: tuple[int, int], go: bool) -> PromptWork | None:
+        """The dispatcher's decision on the pending screen `key`: continue it (queued for `next_batch`) or drop
+        it. Returns its work, or None for a key that is not pending (already dropped: the decision is moot)."""
+        work = self._pending.pop(key, None)
+        if work is not None and go:
+            self._continue.append(work)
+        return work
+
     def held_keys(self) -> list[tuple[int, int]]:
         """(epoch, prompt_id) of every prompt waiting here (not those inside a generation call)."""
-        return [w.key for w in self._continue] + [w.key for w in self._new]
+        return [w.key for w in self._continue] + list(self._pending) + [w.key for w in self._new]
 
     def next_batch(self, max_new: int) -> list[tuple[PromptWork, int]]:
         """Take every waiting continuation and up to `max_new` new prompts: (work, samples to draw) pairs."""
@@ -132,8 +155,8 @@ class GroupAssembler:
     def complete(self, work: PromptWork, responses: list[Response]) -> Outcome | None:
         """Record the samples of one generation call for `work`; return what it produced, if anything final.
 
-        Returns a ScreenOutcome for a SPEED screening (the prompt is re-queued for continuation when it
-        qualifies; the CompletedGroup follows from a later call), a CompletedGroup, or a DroppedGroup.
+        Returns a ScreenOutcome for a SPEED screening (a qualified prompt waits for `decide`; its CompletedGroup
+        follows its continuation), a CompletedGroup, or a DroppedGroup.
         """
         expected = work.num_screen if work.stage == "screen" else work.num_continue
         assert len(responses) == expected, f"{work.key}: expected {expected} responses, got {len(responses)}"
@@ -148,7 +171,7 @@ class GroupAssembler:
             if qualified:
                 work.responses = list(responses)
                 work.stage = "continue"
-                self._continue.append(work)
+                self._pending[work.key] = work
             return ScreenOutcome(work=work, scores=scores, qualified=qualified, version=version)
         if self.mode == "dapo" and float(scores.std()) == 0.0:
             return DroppedGroup(work=work, scores=scores, reason="zero_variance", version=version)

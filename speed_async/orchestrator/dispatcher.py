@@ -46,6 +46,7 @@ from speed_async.orchestrator.ledger import Ledger
 from speed_async.orchestrator.membership import SamplerInfo
 from speed_async.orchestrator.sampler_link import SamplerLink
 from speed_async.protocol import (
+    ContinueDecision,
     EvalResult,
     GroupDropped,
     Heartbeat,
@@ -412,7 +413,12 @@ class Dispatcher:
             return
         self.progress_at = time.monotonic()
         if isinstance(msg, ScreenReport):
-            self.books.on_screen(msg)
+            go = self.books.on_screen(msg)
+            if go is not None:
+                decision = ContinueDecision(prompt_id=msg.prompt_id, epoch=msg.epoch, go=go)
+                if not self.link.send_to(msg.sampler_id, decision) and go:
+                    # The sampler drops the screen when no answer comes (GroupDropped "no_decision").
+                    self.books.reissue((msg.epoch, msg.prompt_id), msg.sampler_id, "decision not sent")
         elif isinstance(msg, RolloutGroup):
             if not self.books.on_group(msg):
                 self.link.counters["bad_group"] += 1

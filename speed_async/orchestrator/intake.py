@@ -25,9 +25,10 @@ from speed_async.orchestrator.wire import to_train_group, work_items
 from speed_async.protocol import GroupDropped, RolloutGroup, ScreenReport, WorkItem
 
 log = logging.getLogger("speed_async.dispatcher")
-RETURNED = ("aborted", "stale_in_flight")
-"""GroupDropped reasons of a prompt a sampler returns unfinished (its requests aborted by a weight update, or
-beyond the bound before they finished): re-issued, not counted as dropped."""
+RETURNED = ("aborted", "stale_in_flight", "no_decision")
+"""GroupDropped reasons of a prompt a sampler returns unfinished (its requests aborted by a weight update,
+beyond the bound before they finished, or a qualified screen that got no `ContinueDecision` in time): re-issued,
+not counted as dropped."""
 
 
 class TrainingBooks:
@@ -62,12 +63,20 @@ class TrainingBooks:
             self.state.give_back(key)
 
     # ---- results -----------------------------------------------------------------------------------------
-    def on_screen(self, msg: ScreenReport) -> None:
-        if self.state.on_screened((msg.epoch, msg.prompt_id), msg.qualified):
-            pass_rate = float(np.mean(msg.rewards))
-            self.ledger.write("screened", msg.prompt_id, msg.epoch, pass_rate=pass_rate, version=msg.version)
-            event = "qualified" if msg.qualified else "rejected"
-            self.ledger.write(event, msg.prompt_id, msg.epoch, sampler=msg.sampler_id)
+    def on_screen(self, msg: ScreenReport) -> bool | None:
+        """Book a screening result; for a qualified prompt return whether its sampler continues it (True) or
+        drops its screen (False: the prompt goes out again later, ledger `reissued`); None otherwise."""
+        decision = self.state.on_screened((msg.epoch, msg.prompt_id), msg.qualified, msg.version)
+        if decision == "ignored":
+            return None
+        pass_rate = float(np.mean(msg.rewards))
+        self.ledger.write("screened", msg.prompt_id, msg.epoch, pass_rate=pass_rate, version=msg.version)
+        event = "qualified" if msg.qualified else "rejected"
+        self.ledger.write(event, msg.prompt_id, msg.epoch, sampler=msg.sampler_id)
+        if decision == "declined":
+            reason = "continuation declined"
+            self.ledger.write("reissued", msg.prompt_id, msg.epoch, sampler=msg.sampler_id, reason=reason)
+        return None if decision == "rejected" else decision == "go"
 
     def on_group(self, msg: RolloutGroup) -> bool:
         """Take a complete group; False for one of the wrong size (rejected, its prompt re-issued)."""
@@ -76,8 +85,7 @@ class TrainingBooks:
             # A sampler built with another config: never trained on; the prompt goes to another sampler.
             sizes = (msg.sampler_id, msg.num_responses, msg.prompt_id, self.config.group_size)
             log.error("sampler %d sent %d responses for prompt %d; groups have %d: rejected", *sizes)
-            if self.state.give_back(key):
-                self.ledger.write("reissued", msg.prompt_id, msg.epoch, sampler=msg.sampler_id, reason="bad group")
+            self.reissue(key, msg.sampler_id, "bad group")
             return False
         if self.state.on_group(key, to_train_group(msg)):
             self.counters["responses"] += msg.num_responses
@@ -88,10 +96,14 @@ class TrainingBooks:
     def on_dropped(self, msg: GroupDropped) -> None:
         key = (msg.epoch, msg.prompt_id)
         if msg.reason in RETURNED:  # the sampler gave the prompt up unfinished: it goes out again first
-            if self.state.give_back(key):
-                self.ledger.write("reissued", msg.prompt_id, msg.epoch, sampler=msg.sampler_id, reason=msg.reason)
+            self.reissue(key, msg.sampler_id, msg.reason)
         elif self.state.on_dropped(key):
             self.ledger.write("dropped", msg.prompt_id, msg.epoch, reason=msg.reason, version=msg.version)
+
+    def reissue(self, key: Key, sampler_id: int, reason: str) -> None:
+        """Hand the in-flight prompt `key` out again first (ledger `reissued`); nothing if it is not in flight."""
+        if self.state.give_back(key):
+            self.ledger.write("reissued", key[1], key[0], sampler=sampler_id, reason=reason)
 
     def sampler_lost(self, sampler_id: int) -> int:
         """Re-issue a lost sampler's in-flight prompts first; returns how many."""

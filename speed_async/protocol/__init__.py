@@ -7,6 +7,7 @@ messages and back; see ``codec`` for the frame layout and ``schema`` for how fie
 from speed_async.protocol.codec import DEFAULT_MAX_BYTES, decode, encode
 from speed_async.protocol.messages import (
     SAMPLER_ACTIVITIES,
+    ContinueDecision,
     EvalAssignment,
     EvalResult,
     GroupDropped,
@@ -34,6 +35,7 @@ __all__ = [
     "REASONS",
     "SAMPLER_ACTIVITIES",
     "SCHEMA_VERSION",
+    "ContinueDecision",
     "EvalAssignment",
     "EvalResult",
     "GroupDropped",

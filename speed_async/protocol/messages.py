@@ -5,8 +5,8 @@ Who sends what:
   sampler --Hello, WorkRequest, Heartbeat,          dispatcher   (DEALER -> ROUTER)
             SyncDone, SyncFailed-->
   sampler <--WorkAssignment | NoWork, Rejoin,       dispatcher   (ROUTER -> DEALER)
-            JoinSyncGroup, UpdateWeights,
-            EvalAssignment, Shutdown--
+            ContinueDecision, JoinSyncGroup,
+            UpdateWeights, EvalAssignment, Shutdown--
   sampler --ScreenReport, RolloutGroup,             learner      (PUSH -> PULL)
             GroupDropped, EvalResult,
             Heartbeat (its heartbeat thread)-->
@@ -90,6 +90,16 @@ class ScreenReport(Message, tag="screen_report"):
     version: NonNegInt
     rewards: GroupRewards
     qualified: Annotated[bool, Bool()]
+
+
+class ContinueDecision(Message, tag="continue_decision"):
+    """The dispatcher's answer to a qualified ``ScreenReport``: continue the prompt now (``go``), or drop its
+    screen (the prompt is handed out again later, screened afresh): its group would come too late for every step
+    it could still be trained at, because enough groups are already ready or being continued for them."""
+
+    prompt_id: NonNegInt
+    epoch: NonNegInt
+    go: Annotated[bool, Bool()]
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,7 +12,9 @@
   learner rank 0 ══ weight broadcast (sync group) ══► engine.receive_weights(v)  between two steps   completed
 ```
 Every screen, continuation and evaluation item is a request submitted as soon as it is known: a continuation
-right after its screen is scored, new screens whenever the engine has room. Scores come back from the worker
+as soon as the dispatcher answers its screen's report with `ContinueDecision(go=True)` (a few milliseconds; it
+declines a screen whose group no open batch slot awaits, and hands the prompt out again later), new screens
+whenever the engine has room. Scores come back from the worker
 processes while the engine runs the next steps, so scoring never stops the engine. A group is emitted the
 moment its last response is scored.
 
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from speed_async.config import Config
 from speed_async.curriculum.groups import GroupAssembler, PromptWork
 from speed_async.protocol import (
+    ContinueDecision,
     EvalAssignment,
     Heartbeat,
     Hello,
@@ -49,6 +52,7 @@ from speed_async.protocol import (
     Message,
     NoWork,
     Rejoin,
+    ScreenReport,
     Shutdown,
     UpdateWeights,
     WorkAssignment,
@@ -140,6 +144,7 @@ class SamplerLoop:
         self.sync = WeightSync(config, sampler_id, self.engine, device, self._send_control)
         self.pending_update: UpdateWeights | None = None
         self.eval_items: list[tuple[PromptWork, int]] = []  # (item, version to evaluate)
+        self.decision_due: dict[tuple[int, int], float] = {}  # qualified screens: when their decision is due
         self.request_sent_at: float | None = None
         self.retry_at = 0.0
         self.bound_wait = False  # the last NoWork said: newer weights first
@@ -160,7 +165,8 @@ class SamplerLoop:
 
     def _status(self) -> tuple[int, int, str]:
         """(version, pending items, state) for the heartbeat thread."""
-        pending = self.assembler.num_new + self.assembler.num_continue + self.engine.num_unfinished
+        assembler = self.assembler
+        pending = assembler.num_new + assembler.num_pending + assembler.num_continue + self.engine.num_unfinished
         return self.engine.version, pending, f"{self.clock.current}, {self.engine.num_unfinished} requests in flight"
 
     def _send_control(self, msg: Message) -> None:
@@ -193,6 +199,10 @@ class SamplerLoop:
             self.request_sent_at = None
             self.retry_at = time.monotonic() + msg.retry_after_s
             self.bound_wait = msg.reason.startswith(BOUND_REASONS)
+        elif isinstance(msg, ContinueDecision):
+            key = (msg.epoch, msg.prompt_id)
+            self.decision_due.pop(key, None)
+            self.assembler.decide(key, msg.go)
         elif isinstance(msg, EvalAssignment):
             self.eval_items.extend((work_from_item(item), msg.version) for item in msg.items)
         elif isinstance(msg, JoinSyncGroup):
@@ -219,6 +229,7 @@ class SamplerLoop:
         self.engine.abort(self.book.clear())
         self.scorer.forget()
         self.assembler = self._new_assembler()
+        self.decision_due.clear()
         self.eval_items, self.pending_update, self.request_sent_at, self.retry_at = [], None, None, 0.0
         self.sync.leave()
         self._send_control(Hello(sampler_id=self.sampler_id, pid=os.getpid(), hostname=socket.gethostname()))
@@ -285,7 +296,8 @@ class SamplerLoop:
         if self._draining():
             return
         rollout = self.config.rollout
-        room = self._capacity() - self.engine.num_unfinished - self.assembler.num_continue * rollout.n_continue
+        waiting = self.assembler.num_continue + self.assembler.num_pending  # pending ones are mostly continued
+        room = self._capacity() - self.engine.num_unfinished - waiting * rollout.n_continue
         batch = self.assembler.next_batch(max(0, room // rollout.n))
         for work, count in batch:
             self._open(work, count, version, None)
@@ -324,8 +336,29 @@ class SamplerLoop:
                 )
             else:
                 msg = outcome_message(self.sampler_id, self.assembler.complete(stage.work, responses))
+                if isinstance(msg, ScreenReport) and msg.qualified:
+                    self.decision_due[stage.work.key] = time.monotonic() + self.config.pipeline.request_timeout_s
             if msg is not None:
                 self._emit(msg)
+
+    def _expire_decisions(self) -> None:
+        """Drop qualified screens whose decision did not come within pipeline.request_timeout_s (the prompt goes
+        back to the dispatcher, which re-issues it if it still holds it in flight)."""
+        now = time.monotonic()
+        for key, due in list(self.decision_due.items()):
+            if now < due:
+                continue
+            del self.decision_due[key]
+            work = self.assembler.decide(key, False)
+            if work is None:
+                continue
+            log.warning(
+                "sampler %d: the dispatcher at %s did not decide within %g s (pipeline.request_timeout_s) whether to "
+                "continue prompt %d (epoch %d); its screen is dropped and the prompt returned",
+                self.sampler_id, self.endpoints.work, self.config.pipeline.request_timeout_s, key[1], key[0],
+            )  # fmt: skip
+            version = min(r.version_min for r in work.responses)
+            self._emit(dropped_message(self.sampler_id, work, "no_decision", version))
 
     # ---- weights -----------------------------------------------------------------------------------------
     def _maybe_update(self) -> None:
@@ -364,6 +397,7 @@ class SamplerLoop:
         if self.stopping is not None:
             return False
         self._maybe_update()
+        self._expire_decisions()
         self._maybe_request_work()
         self._heartbeat()
         self.sync.check_wait()

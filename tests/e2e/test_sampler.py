@@ -24,6 +24,7 @@ from speed_async.config import load_config
 from speed_async.data.arithmetic import load_split
 from speed_async.data.templates import render_prompt
 from speed_async.protocol import (
+    ContinueDecision,
     GroupDropped,
     Heartbeat,
     Hello,
@@ -62,10 +63,11 @@ def _items(tokenizer, n: int, n_continue: int) -> list[WorkItem]:
 
 
 def _drive(
-    tmp_path: Path, model: Path, overrides: list[str], *, then_hang: bool = False
+    tmp_path: Path, model: Path, overrides: list[str], *, then_hang: bool = False, decline: frozenset[int] = frozenset()
 ) -> tuple[list, list[WorkItem], Path]:
-    """Hand the prompts to a real sampler and collect what it streams back; then tell it to stop or, with
-    `then_hang`, stop answering (a hung learner) and check that it reports that and exits with status 3."""
+    """Hand the prompts to a real sampler and collect what it streams back, answering each qualified screen with
+    a ContinueDecision (go, except for the prompt ids in `decline`); then tell it to stop or, with `then_hang`,
+    stop answering (a hung learner) and check that it reports that and exits with status 3."""
     config = load_config(
         None, ["rollout.max_response_length=48", "rollout.gen_batch_size=6", "rollout.enforce_eager=true", *overrides]
     )
@@ -99,6 +101,11 @@ def _drive(
             if msg is None:
                 continue
             results.append(msg)
+            if isinstance(msg, ScreenReport) and msg.qualified:
+                go = msg.prompt_id not in decline
+                router.send_to(identity, ContinueDecision(prompt_id=msg.prompt_id, epoch=msg.epoch, go=go))
+                if not go:
+                    finished.add(msg.prompt_id)
             if isinstance(msg, RolloutGroup | GroupDropped) or (isinstance(msg, ScreenReport) and not msg.qualified):
                 finished.add(msg.prompt_id)
         if then_hang:
@@ -145,10 +152,16 @@ def _check_rewards_and_logprobs(groups: list[RolloutGroup], items: list[WorkItem
 
 
 def test_speed_mode_emits_only_qualified_complete_groups(tmp_path: Path, tiny_model_dir: Path) -> None:
-    results, items, model = _drive(tmp_path, tiny_model_dir, ["rollout.n=4", "rollout.n_continue=4"])
+    # The dispatcher declines the continuation of the odd prompts: their screens are dropped, never continued.
+    decline = frozenset(range(1, NUM_PROMPTS, 2))
+    overrides = ["rollout.n=4", "rollout.n_continue=4"]
+    results, items, model = _drive(tmp_path, tiny_model_dir, overrides, decline=decline)
     screens = {m.prompt_id: m for m in results if isinstance(m, ScreenReport)}
     groups = [m for m in results if isinstance(m, RolloutGroup)]
     assert set(screens) == set(range(NUM_PROMPTS)), "every prompt is screened exactly once"
+    continued = {p for p, s in screens.items() if s.qualified and p not in decline}
+    assert {g.prompt_id for g in groups} == continued, "exactly the qualified prompts the dispatcher let go on"
+    assert continued and any(s.qualified for p, s in screens.items() if p in decline), "both decisions were made"
     for group in groups:
         assert group.num_responses == 8 and group.num_screen == 4
         screening = group.scores[:4]
@@ -157,8 +170,7 @@ def test_speed_mode_emits_only_qualified_complete_groups(tmp_path: Path, tiny_mo
         np.testing.assert_array_equal(screens[group.prompt_id].rewards, screening)
     rejected = [s for s in screens.values() if not s.qualified]
     assert all(s.rewards.mean() in (0.0, 1.0) for s in rejected)
-    assert len(groups) + len(rejected) == NUM_PROMPTS
-    assert groups, "the tiny model should have some prompts of moderate difficulty among 12"
+    assert not [m for m in results if isinstance(m, GroupDropped)]
     _check_rewards_and_logprobs(groups, items, model)
 
 

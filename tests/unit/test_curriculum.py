@@ -28,18 +28,27 @@ def _responses(scores: list[float], version: int = 0) -> list[Response]:
     ]
 
 
-def test_speed_screens_then_continues_in_the_next_call_with_new_prompts() -> None:
+def test_speed_screens_then_continues_when_the_dispatcher_says_go() -> None:
     asm = GroupAssembler("speed")
-    asm.add([_work(0), _work(1), _work(2)])
-    first = asm.next_batch(max_new=2)
-    assert [(w.prompt_id, n) for w, n in first] == [(0, 4), (1, 4)]
+    asm.add([_work(0), _work(1), _work(2), _work(3)])
+    first = asm.next_batch(max_new=3)
+    assert [(w.prompt_id, n) for w, n in first] == [(0, 4), (1, 4), (2, 4)]
     qualified = asm.complete(first[0][0], _responses([1, 0, 0, 1]))
     rejected = asm.complete(first[1][0], _responses([1, 1, 1, 1]))
+    declined = asm.complete(first[2][0], _responses([0, 0, 0, 1]))
     assert isinstance(qualified, ScreenOutcome) and qualified.qualified
     assert isinstance(rejected, ScreenOutcome) and not rejected.qualified
-    # Pre-fetching: the continuation of prompt 0 rides in the same call as the screening of prompt 2.
+    assert isinstance(declined, ScreenOutcome) and declined.qualified
+    # Qualified screens wait for the dispatcher: nothing is continued before its decision.
+    assert asm.num_pending == 2 and sorted(asm.held_keys()) == [(0, 0), (0, 2), (0, 3)]
+    assert asm.next_batch(max_new=0) == []
+    assert asm.decide((0, 2), go=False).prompt_id == 2  # dropped: the dispatcher hands prompt 2 out again
+    assert asm.decide((0, 2), go=True) is None  # a second answer for it is moot
+    assert asm.decide((0, 0), go=True).prompt_id == 0
+    # The continuation of prompt 0 rides in the same engine batch as the screening of prompt 3.
     second = asm.next_batch(max_new=2)
-    assert [(w.prompt_id, n) for w, n in second] == [(0, 20), (2, 4)]
+    assert [(w.prompt_id, n) for w, n in second] == [(0, 20), (3, 4)]
+    assert asm.num_pending == 0
     group = asm.complete(second[0][0], _responses([1.0] * 20, version=1))
     assert isinstance(group, CompletedGroup)
     assert len(group.responses) == 24 and group.num_screen == 4
@@ -131,9 +140,9 @@ def test_stale_groups_are_dropped_and_counted_never_trained() -> None:
 def test_speed_accept_rate_scales_the_handout_and_lost_work_is_reissued() -> None:
     st = _state(k=0, batch=4, mode="speed")
     keys = st.assign(0, 0, 100)
-    assert len(keys) == 8  # 4 groups at an initial accept rate of 0.5
-    st.on_screened(keys[0], qualified=True)
-    st.on_screened(keys[1], qualified=False)
+    assert len(keys) == 10  # 4 groups at an initial accept rate of 0.5, with the surplus: ceil(4 / (0.5 / 1.25))
+    assert st.on_screened(keys[0], qualified=True, version=0) == "go"
+    assert st.on_screened(keys[1], qualified=False, version=0) == "rejected"
     lost = st.sampler_lost(0)
     assert sorted(lost) == sorted(keys[0:1] + keys[2:])
     again = st.assign(1, 0, 100)
@@ -149,7 +158,7 @@ def test_accept_rate_is_a_mean_over_a_long_window() -> None:
     keys = st.assign(0, 0, 10_000)
     # Prior 0.5 worth 8 prompts, then 2 accepted of 8 screened: (0.5 * 8 + 2) / (8 + 8) = 0.375.
     for i, key in enumerate(keys[:8]):
-        st.on_screened(key, qualified=i < 2)
+        st.on_screened(key, qualified=i < 2, version=0)
     assert st.accept_rate == pytest.approx((0.5 * ACCEPT_PRIOR_WEIGHT + 2) / (ACCEPT_PRIOR_WEIGHT + 8))
     # A long run of one accepted in every 5: the estimate settles within a few points of 0.2 and stays there.
     # (A mean over the last ~10 results swings even on this regular pattern: with weight 0.1 per result it
@@ -157,7 +166,7 @@ def test_accept_rate_is_a_mean_over_a_long_window() -> None:
     more = st.assign(0, 0, 10_000)
     seen = []
     for i, key in enumerate([*keys[8:], *more][:2000]):
-        st.on_screened(key, qualified=i % 5 == 0)
+        st.on_screened(key, qualified=i % 5 == 0, version=0)
         seen.append(st.accept_rate)
     assert all(abs(rate - 0.2) < 0.03 for rate in seen[ACCEPT_WINDOW * 2 :])
     saved = st.state_dict()
@@ -175,3 +184,51 @@ def test_state_dict_round_trip_reissues_in_flight() -> None:
     fresh.load_state_dict(saved, ready=[(keys[0], _Group(0))])
     assert list(fresh.reissue) == keys[1:] and len(fresh.ready) == 1
     assert fresh.cursor.state_dict() == st.cursor.state_dict()
+
+
+def test_continuations_only_while_a_reachable_batch_slot_is_open() -> None:
+    # k = 1, batches of 2, sampler at version 0 while step 0 is next: a version-0 group can fill steps 0 and 1,
+    # so 4 slots. Six screens qualify: the first four are continued, the last two declined and handed out again.
+    st = _state(k=1, batch=2, mode="speed")
+    keys = st.assign(0, 0, 100)
+    assert len(keys) == 10  # 4 open slots / (accept rate 0.5 / SCREEN_SURPLUS 1.25)
+    decisions = [st.on_screened(key, qualified=True, version=0) for key in keys[:6]]
+    assert decisions == ["go"] * 4 + ["declined"] * 2
+    assert list(st.reissue) == keys[4:6] and st.metrics()["curriculum/declined_continuations"] == 2
+    # Two groups arrive and step 0 takes them; the other two continuations still fill step 1: a seventh
+    # qualified screen of version 0 has no slot left, one of version 1 has step 2's two.
+    for key in keys[:2]:
+        st.on_group(key, _Group(0))
+    assert st.take_batch(0)[0] is not None
+    assert st.on_screened(keys[6], qualified=True, version=0) == "declined"
+    assert st.on_screened(keys[7], qualified=True, version=1) == "go"
+    # Once step 1 is taken too, a version-0 screen can reach no step at all (1 + k < 2 is not).
+    for key in keys[2:4]:
+        st.on_group(key, _Group(0))
+    assert st.take_batch(1)[0] is not None
+    assert st.open_slots(0, count_screens=False) == 0.0
+    assert st.open_slots(1, count_screens=False) == 1.0  # step 2: two slots, one held by keys[7]'s continuation
+
+
+def test_open_slots_place_supply_earliest_deadline_first() -> None:
+    # k = 2, batches of 2, step 0 next. Three version-0 groups are ready: two fill step 0, one step 1. A group of
+    # version 1 can fill steps 1..3 (6 slots), one of them taken: 5 left; version 0 reaches steps 0..2: 3 left.
+    st = _state(k=2, batch=2)
+    keys = st.assign(0, 0, 3)
+    for key in keys:
+        st.on_group(key, _Group(0))
+    assert st.open_slots(1, count_screens=False) == 5.0
+    assert st.open_slots(0, count_screens=False) == 3.0
+
+
+def test_batches_take_the_oldest_versions_first() -> None:
+    # k = 1: a late version-0 group queued behind version-1 ones goes into step 1's batch (lag 1), not the
+    # version-1 groups, which can still wait for step 2; FIFO would have left it to go stale.
+    st = _state(k=1, batch=2)
+    st.next_step = 1
+    keys = st.assign(0, 1, 10)[:3]
+    for key, version in zip(keys, (1, 1, 0), strict=True):
+        st.on_group(key, _Group(version))
+    batch, stale = st.take_batch(1)
+    assert [g.version for _, g in batch] == [0, 1] and stale == []
+    assert [g.version for _, g in st.ready] == [1]

@@ -13,6 +13,7 @@ from speed_async.protocol import (
     MESSAGE_TYPES,
     REASONS,
     SCHEMA_VERSION,
+    ContinueDecision,
     EvalAssignment,
     EvalResult,
     GroupDropped,
@@ -90,6 +91,7 @@ def examples() -> dict[str, Message]:
         WorkAssignment(items=[work_item(7), work_item(8, num_continue=0)], version=5),
         NoWork(retry_after_s=0.25, reason="staleness bound"),
         ScreenReport(sampler_id=3, prompt_id=7, epoch=1, version=5, rewards=f32(0, 1, 1, 0), qualified=True),
+        ContinueDecision(prompt_id=7, epoch=1, go=True),
         rollout_group(),
         GroupDropped(sampler_id=3, prompt_id=9, epoch=1, version=5, reason="all_equal", rewards=f32(1, 1, 1, 1)),
         JoinSyncGroup(generation=2, master_addr="10.0.0.1", master_port=29500, world_size=3, rank=2, timeout_s=60.0),
@@ -169,10 +171,10 @@ def test_decoded_arrays_are_numpy_views_with_wire_dtypes() -> None:
 def test_exact_frame_layout_of_a_small_message() -> None:
     # body = fixmap(1) 0x81, fixstr(6) 0xa6 "reason", fixstr(1) 0xa1 "x"  -> 1 + 7 + 2 = 10 bytes
     body = b"\x81\xa6reason\xa1x"
-    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", the version as a positive fixint (3: 0x03),
+    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", the version as a positive fixint (4: 0x04),
     # bin8 0xc4 0x0a + body, nil 0xc0
     version = bytes([SCHEMA_VERSION])
-    assert version == b"\x03"
+    assert version == b"\x04"
     assert encode(Shutdown(reason="x")) == b"\x94\xa8shutdown" + version + b"\xc4\x0a" + body + b"\xc0"
     # mac = HMAC-SHA256(key, packb("shutdown") || packb(version) || body); bin8 0xc4 0x20 + 32 bytes
     mac = hmac.new(KEY, b"\xa8shutdown" + version + body, hashlib.sha256).digest()
