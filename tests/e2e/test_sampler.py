@@ -63,11 +63,18 @@ def _items(tokenizer, n: int, n_continue: int) -> list[WorkItem]:
 
 
 def _drive(
-    tmp_path: Path, model: Path, overrides: list[str], *, then_hang: bool = False, decline: frozenset[int] = frozenset()
+    tmp_path: Path,
+    model: Path,
+    overrides: list[str],
+    *,
+    then_hang: bool = False,
+    decline: frozenset[int] = frozenset(),
+    ignore_first_qualified: bool = False,
 ) -> tuple[list, list[WorkItem], Path]:
     """Hand the prompts to a real sampler and collect what it streams back, answering each qualified screen with
-    a ContinueDecision (go, except for the prompt ids in `decline`); then tell it to stop or, with `then_hang`,
-    stop answering (a hung learner) and check that it reports that and exits with status 3."""
+    a ContinueDecision (go, except for the prompt ids in `decline`; none at all for the first qualified screen
+    with `ignore_first_qualified`); then tell it to stop or, with `then_hang`, stop answering (a hung learner)
+    and check that it reports that and exits with status 3."""
     config = load_config(
         None, ["rollout.max_response_length=48", "rollout.gen_batch_size=6", "rollout.enforce_eager=true", *overrides]
     )
@@ -101,7 +108,9 @@ def _drive(
             if msg is None:
                 continue
             results.append(msg)
-            if isinstance(msg, ScreenReport) and msg.qualified:
+            if isinstance(msg, ScreenReport) and msg.qualified and ignore_first_qualified:
+                ignore_first_qualified = False  # its GroupDropped("no_decision") finishes it
+            elif isinstance(msg, ScreenReport) and msg.qualified:
                 go = msg.prompt_id not in decline
                 router.send_to(identity, ContinueDecision(prompt_id=msg.prompt_id, epoch=msg.epoch, go=go))
                 if not go:
@@ -153,13 +162,19 @@ def _check_rewards_and_logprobs(groups: list[RolloutGroup], items: list[WorkItem
 
 def test_speed_mode_emits_only_qualified_complete_groups(tmp_path: Path, tiny_model_dir: Path) -> None:
     # The dispatcher declines the continuation of the odd prompts: their screens are dropped, never continued.
+    # It never answers the first qualified screen: after request_timeout_s the sampler returns that prompt.
     decline = frozenset(range(1, NUM_PROMPTS, 2))
-    overrides = ["rollout.n=4", "rollout.n_continue=4"]
-    results, items, model = _drive(tmp_path, tiny_model_dir, overrides, decline=decline)
+    overrides = ["rollout.n=4", "rollout.n_continue=4", "pipeline.request_timeout_s=8"]
+    started = time.monotonic()
+    results, items, model = _drive(tmp_path, tiny_model_dir, overrides, decline=decline, ignore_first_qualified=True)
     screens = {m.prompt_id: m for m in results if isinstance(m, ScreenReport)}
     groups = [m for m in results if isinstance(m, RolloutGroup)]
     assert set(screens) == set(range(NUM_PROMPTS)), "every prompt is screened exactly once"
-    continued = {p for p, s in screens.items() if s.qualified and p not in decline}
+    (unanswered,) = [m for m in results if isinstance(m, GroupDropped)]
+    first = next(m for m in results if isinstance(m, ScreenReport) and m.qualified)
+    assert (unanswered.prompt_id, unanswered.reason) == (first.prompt_id, "no_decision")
+    assert time.monotonic() - started >= 8, "returned only after pipeline.request_timeout_s"
+    continued = {p for p, s in screens.items() if s.qualified and p not in decline} - {first.prompt_id}
     assert {g.prompt_id for g in groups} == continued, "exactly the qualified prompts the dispatcher let go on"
     assert continued and any(s.qualified for p, s in screens.items() if p in decline), "both decisions were made"
     for group in groups:
@@ -170,7 +185,6 @@ def test_speed_mode_emits_only_qualified_complete_groups(tmp_path: Path, tiny_mo
         np.testing.assert_array_equal(screens[group.prompt_id].rewards, screening)
     rejected = [s for s in screens.values() if not s.qualified]
     assert all(s.rewards.mean() in (0.0, 1.0) for s in rejected)
-    assert not [m for m in results if isinstance(m, GroupDropped)]
     _check_rewards_and_logprobs(groups, items, model)
 
 
