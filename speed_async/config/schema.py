@@ -155,6 +155,9 @@ class AlgorithmConfig:
         _require(self.micro_batch_tokens >= 1, "algorithm.micro_batch_tokens", self.micro_batch_tokens, ">= 1")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-6
@@ -169,9 +172,18 @@ class OptimConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (paper: 1.0); 0 disables it."""
+    lr_schedule: str = "constant"
+    """After warm-up: "constant" (paper) or "cosine" (from lr down to lr * min_lr_ratio at the last of
+    trainer.total_steps; a run that stops earlier, e.g. on trainer.time_budget_s, stops part way down)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule's final learning rate as a fraction of lr."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(
+            self.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", self.lr_schedule, f"allowed: {list(LR_SCHEDULES)}"
+        )
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "must be in [0, 1)")

@@ -6,6 +6,7 @@ device type; everything else is the same.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -94,15 +95,27 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if step + 1 >= warmup_steps else (step + 1) / warmup_steps
 
 
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """LR multiplier of optimizer step `step` (0-based) of `total_steps`: warm-up, then constant, or cosine from 1
+    at the end of warm-up to `optim.min_lr_ratio` at step total_steps - 1 (and there after it)."""
+    warm = warmup_factor(step, optim.warmup_steps)
+    if optim.lr_schedule == "constant" or step + 1 < optim.warmup_steps:
+        return warm
+    start = max(optim.warmup_steps - 1, 0)
+    span = total_steps - 1 - start
+    done = 1.0 if span <= 0 else min(1.0, (step - start) / span)
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def build_optimizer(
-    model: nn.Module, optim: OptimConfig
+    model: nn.Module, optim: OptimConfig, total_steps: int = 0
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the model's (sharded) parameters and its linear warm-up then constant LambdaLR."""
+    """AdamW over the model's (sharded) parameters and its LambdaLR (`lr_factor`; `total_steps`: optimizer steps
+    of the whole run, used by the cosine schedule)."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay
     )
-    warmup = optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, total_steps))
     return optimizer, scheduler
 
 

@@ -90,7 +90,9 @@ class Learner:
         if config.algorithm.kl_coef > 0:
             self.ref_model = load_model(model_path, config.model, self.device)
             self.ref_model.eval().requires_grad_(False)
-        self.optimizer, self.scheduler = build_optimizer(self.model, config.optim)
+        per_step = -(-config.data.train_batch_size // config.algorithm.mini_batch_size)  # optimizer steps / RL step
+        total = config.trainer.total_steps * per_step
+        self.optimizer, self.scheduler = build_optimizer(self.model, config.optim, total)
         self.separate_old_pass = False
         """True: pi_old of mini-batch 0 from a no-grad pass of its own as well (the same numbers, one more
         forward; kept to test that the two agree)."""

@@ -38,7 +38,7 @@ from speed_async.learner.batch import (
     plan_micro_batches,
     split_response_values,
 )
-from speed_async.learner.model import warmup_factor
+from speed_async.learner.model import lr_factor, warmup_factor
 from speed_async.learner.scatter import decode_groups, encode_groups
 
 pytestmark = pytest.mark.distributed
@@ -186,6 +186,13 @@ def test_warmup_factor() -> None:
     # warmup 4: optimizer steps 0..4 run at 1/4, 2/4, 3/4, 1, 1 of the rate; warmup 0: always 1.
     assert [warmup_factor(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
+    # Cosine over 7 optimizer steps after a warm-up of 3: steps 0, 1 warm up (1/3, 2/3); step 2 is the top (1.0);
+    # steps 2..6 run cos from 0 to pi over 4 intervals: 0.1 + 0.9 * (1 + cos(pi * j / 4)) / 2 for j = 0..4,
+    # i.e. 1.0, 0.8682, 0.55, 0.2318, 0.1; later steps stay at 0.1; "constant" stays at 1 after warm-up.
+    cosine = OptimConfig(lr=1.0, warmup_steps=3, lr_schedule="cosine", min_lr_ratio=0.1)
+    got = [lr_factor(s, cosine, 7) for s in range(8)]
+    assert got == pytest.approx([1 / 3, 2 / 3, 1.0, 0.86820, 0.55, 0.23180, 0.1, 0.1], abs=1e-5)
+    assert [lr_factor(s, OptimConfig(warmup_steps=3), 7) for s in (0, 2, 6)] == [1 / 3, 1.0, 1.0]
 
 
 # ---------------------------------------------------------------- distributed (spawned gloo jobs)
