@@ -175,10 +175,11 @@ class Arm:
 
 def budget_overrides(budget_s: float, eval_every: int, eval_prompts: int, eval_n: int) -> list[str]:
     """Overrides every arm of a time-to-accuracy comparison shares: a wall-clock budget (the step count is
-    left open) and the evaluation schedule; engine settings stay the config file's (start-up is not training
-    time: `eval_curve`)."""
+    left open, so the learning rate stays constant after warm-up) and the evaluation schedule; engine settings
+    stay the config file's (start-up is not training time: `eval_curve`)."""
     return [
-        f"trainer.time_budget_s={budget_s}", "trainer.total_steps=100000", f"trainer.eval_every={eval_every}",
+        f"trainer.time_budget_s={budget_s}", "trainer.total_steps=100000", "optim.lr_schedule=constant",
+        f"trainer.eval_every={eval_every}",
         f"trainer.eval_max_prompts={eval_prompts}", f"trainer.eval_n={eval_n}",
     ]  # fmt: skip
 

@@ -3,7 +3,9 @@
 The pipeline adds what a sampler does beyond generation: SPEED bookkeeping, decoding, Math-Verify scoring in
 worker processes, msgpack encoding and the ZeroMQ send. Both arms generate `--n` samples for the same
 `--prompts` held-out arithmetic prompts (plain groups, no screening, so the token counts are comparable),
-each in its own fresh process. Prints a table, then one JSON line with `pipeline_over_bare`.
+each in its own fresh process, with the engine pinned as `speed-async train` pins a sampler's (one thread on
+`--engine-cores`, default the last core) and, in the pipeline, its reward workers on the other cores (as the
+launcher's CPU plan puts them). Prints a table, then one JSON line with `pipeline_over_bare`.
 
     python benchmarks/sampler_throughput.py [--quick]
 """
@@ -53,7 +55,9 @@ def bare(model: str, count: int, n: int, max_tokens: int, rounds: int) -> dict[s
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def pipeline(model: str, count: int, n: int, max_tokens: int, rounds: int) -> dict[str, float]:
+def pipeline(
+    model: str, count: int, n: int, max_tokens: int, rounds: int, cores: str, reward_cores: str
+) -> dict[str, float]:
     """A real sampler process fed by this process acting as the dispatcher; tokens counted on arrival."""
     from launcher.standalone import kill_group, start_sampler
     from speed_async.config import load_config
@@ -73,7 +77,7 @@ def pipeline(model: str, count: int, n: int, max_tokens: int, rounds: int) -> di
     router, pull = RouterSocket(ctx), PullSocket(ctx)
     endpoints = {"work": router.bind_endpoint("127.0.0.1", 0), "results": pull.bind_endpoint("127.0.0.1", 0)}
     run_dir = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
-    proc = start_sampler(config, run_dir, Path(model), 0, endpoints)
+    proc = start_sampler(config, run_dir, Path(model), 0, endpoints, cpus=cores, reward_cpus=reward_cores)
     items = [
         WorkItem(prompt_id=i, epoch=0, data_source="arithmetic", prompt_token_ids=p, ground_truth=a,
                  num_screen=n, num_continue=0)
@@ -123,6 +127,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--engine-cores", default=None, help="cores of the engine (default: the last core)")
     parser.add_argument("--arm", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -134,20 +139,33 @@ def main() -> None:
         from speed_async.tiny import ensure_tiny_model
 
         args.model = str(ensure_tiny_model())
-    if args.arm:  # child process: one arm, one JSON line
-        fn = bare if args.arm == "bare" else pipeline
-        print(json.dumps(fn(args.model, args.prompts, args.n, args.max_tokens, args.rounds)))
+    cores = sorted(os.sched_getaffinity(0))
+    args.engine_cores = args.engine_cores or str(cores[-1])
+    engine = {int(c) for c in args.engine_cores.split(",")}
+    reward_cores = ",".join(str(c) for c in cores if c not in engine) or args.engine_cores
+    if args.arm == "bare":  # child process: one arm, one JSON line
+        os.sched_setaffinity(0, engine)
+        print(json.dumps(bare(args.model, args.prompts, args.n, args.max_tokens, args.rounds)))
+        return
+    if args.arm == "pipeline":
+        print(json.dumps(pipeline(args.model, args.prompts, args.n, args.max_tokens, args.rounds, args.engine_cores,
+                                  reward_cores)))  # fmt: skip
         return
     import subprocess
 
     results = {}
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": args.engine_cores}
     for arm in ("bare", "pipeline"):
         argv = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--prompts", str(args.prompts),
-                "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds)]  # fmt: skip
-        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=1200)
+                "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds),
+                "--engine-cores", args.engine_cores]  # fmt: skip
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=1200, env=env)
         results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = results["pipeline"]["tokens_per_s"] / results["bare"]["tokens_per_s"]
-    print(f"sampler throughput: {args.prompts} prompts x n={args.n}, <= {args.max_tokens} tokens, {args.rounds} rounds")
+    print(
+        f"sampler throughput: {args.prompts} prompts x n={args.n}, <= {args.max_tokens} tokens, {args.rounds} rounds, "
+        f"engine on core(s) {args.engine_cores}, reward workers on {reward_cores}"
+    )
     print_table(
         ["arm", "tokens", "seconds", "tokens/s"],
         [[arm, r["tokens"], r["seconds"], r["tokens_per_s"]] for arm, r in results.items()],

@@ -35,8 +35,18 @@ def role_env() -> dict[str, str]:
     return env
 
 
-def start_sampler(config: Config, run_dir: Path, model: Path, sampler_id: int, endpoints: dict) -> subprocess.Popen:
-    """Start sampler `sampler_id` connected to `endpoints` ({"work": ..., "results": ...})."""
+def start_sampler(
+    config: Config,
+    run_dir: Path,
+    model: Path,
+    sampler_id: int,
+    endpoints: dict,
+    *,
+    cpus: str | None = None,
+    reward_cpus: str | None = None,
+) -> subprocess.Popen:
+    """Start sampler `sampler_id` connected to `endpoints` ({"work": ..., "results": ...}); `cpus` pins it and
+    its engine threads (one per core), `reward_cpus` its reward workers, as `speed-async train` does."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, run_dir)
     write_json(run_dir / "endpoints.json", endpoints)
@@ -44,6 +54,9 @@ def start_sampler(config: Config, run_dir: Path, model: Path, sampler_id: int, e
     argv = [sys.executable, "-m", "launcher.roles", "sampler", "--run-dir", str(run_dir), "--model", str(model)]
     argv += ["--sampler-id", str(sampler_id)]
     env = {**role_env(), LAUNCHER_PID_ENV: str(os.getpid())}
+    if cpus:
+        argv += ["--cpus", cpus, "--reward-cpus", reward_cpus or cpus]
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
     return subprocess.Popen(
         argv,
         stdout=log,

@@ -241,6 +241,17 @@ class RewardPool:
         """
         return self.take(self.submit(items))
 
+    def wait_for_answer(self, timeout_s: float) -> None:
+        """Block until a worker that holds an item has answered (then `poll` returns at once), at most `timeout_s`.
+        The pool's lock is not held meanwhile, so `submit` and `poll` from other threads proceed."""
+        with self._lock:
+            conns = [w.conn for w in self._workers if w.ticket is not None]
+        if not conns:
+            time.sleep(timeout_s)
+            return
+        with contextlib.suppress(OSError, ValueError):  # a worker replaced meanwhile: its connection closed
+            wait(conns, timeout_s)
+
     @property
     def num_unfinished(self) -> int:
         """Items submitted and not yet scored (queued or inside a worker)."""

@@ -5,16 +5,27 @@ The engine hands over each sample as it finishes; `Scorer.submit` decodes it and
 came back so far (the sampler calls it after every engine step) and returns each as a `Response` carrying its
 reward (score + DAPO overlong penalty) and the versions of the weights that generated it. So the engine never
 waits for a score: scoring runs on other cores while the next engine steps run.
+
+A pump thread keeps the reward workers busy: the pool hands a worker its next item only inside `poll`, and
+the main loop polls once per engine step, so a worker would idle from the moment it finished an item until the
+end of the engine step (measured: about one item per 25-ms step, most of a round's scores arriving only after
+its last engine step). While samples are pending the thread waits for a worker's answer (outside the pool's
+lock, which `submit` needs), polls, and queues what comes back; a worker gets its next item within milliseconds.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 
 from speed_async.config import Config
 from speed_async.curriculum.groups import Response
 from speed_async.rewards import RewardPool, overlong_penalty
 from speed_async.sampler.inflight import Stage
+
+PUMP_WAIT_S = 0.005
+"""Longest wait of the pump thread for a worker's answer before it polls anyway (deadlines, new items)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,12 @@ class Scorer:
         self.buffer = config.algorithm.overlong_buffer
         self.max_len = config.rollout.max_response_length
         self._owners: dict[int, _Owner] = {}
+        self._scores: queue.SimpleQueue[dict[int, float]] = queue.SimpleQueue()
+        self._submitted = threading.Event()
+        self._closing = threading.Event()
+        self._error: BaseException | None = None
+        self._pump = threading.Thread(target=self._pump_loop, name="reward-pump", daemon=True)
+        self._pump.start()
 
     @property
     def pending(self) -> int:
@@ -53,11 +70,41 @@ class Scorer:
         ]
         for ticket, owner in zip(self.pool.submit(items), finished, strict=True):
             self._owners[ticket] = _Owner(*owner)
+        self._submitted.set()
+
+    def _pump_loop(self) -> None:
+        """Poll the pool while it holds unfinished items, so workers get their next item as they finish."""
+        try:
+            while not self._closing.is_set():
+                if not self.pool.num_unfinished:
+                    self._submitted.wait(0.05)
+                    self._submitted.clear()
+                    continue
+                self.pool.wait_for_answer(PUMP_WAIT_S)
+                done = self.pool.poll(0.0)
+                if done:
+                    self._scores.put(done)
+        except BaseException as err:  # e.g. a replacement worker that fails to start: raised by collect()
+            if not self._closing.is_set():
+                self._error = err
+
+    def _scored(self, timeout_s: float) -> dict[int, float]:
+        """Scores the pump thread received, waiting up to `timeout_s` for the first batch of them."""
+        if self._error is not None:
+            raise RuntimeError(f"the reward pool failed: {self._error}") from self._error
+        found: dict[int, float] = {}
+        try:
+            found.update(self._scores.get(timeout=timeout_s) if timeout_s > 0 else self._scores.get_nowait())
+            while True:
+                found.update(self._scores.get_nowait())
+        except queue.Empty:
+            pass
+        return found
 
     def collect(self, timeout_s: float) -> list[tuple[Stage, int, Response]]:
         """The responses scored so far (waiting up to `timeout_s` for the first), as (stage, index, response)."""
         out = []
-        for ticket, score in self.pool.poll(timeout_s).items():
+        for ticket, score in self._scored(timeout_s).items():
             owner = self._owners.pop(ticket, None)
             if owner is None:
                 continue
@@ -81,5 +128,8 @@ class Scorer:
         self._owners.clear()
 
     def close(self) -> None:
-        """Stop the reward workers."""
+        """Stop the pump thread and the reward workers."""
+        self._closing.set()
+        self._submitted.set()
+        self._pump.join(timeout=5)
         self.pool.close()

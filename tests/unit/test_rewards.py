@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +146,30 @@ def test_submit_returns_at_once_and_poll_hands_back_scores_as_they_finish(slow_p
     first, second = slow_pool.submit([("p", "p")]), slow_pool.submit([("q", "r"), ("s", "s")])
     assert slow_pool.take(second) == [0.0, 1.0]
     assert slow_pool.poll(timeout_s=1.0) == {first[0]: 1.0}
+
+
+def test_wait_for_answer_returns_when_a_worker_answered_without_holding_the_lock(slow_pool: RewardPool) -> None:
+    # A thread waits (up to 3 s) on the worker that hangs on HANG. Meanwhile submit and poll from this thread go
+    # through at once: the lock is not held during the wait. (The hung item is given up at its 1.5 s deadline by
+    # this thread's polls; the waiter then returns at its own timeout at the latest.)
+    slow_pool.submit([(_slow_scorer.HANG, "x")])
+    waiter = threading.Thread(target=slow_pool.wait_for_answer, args=(3.0,))
+    start = time.monotonic()
+    waiter.start()
+    time.sleep(0.1)
+    (ticket,) = slow_pool.submit([("a", "a")])  # would block for the waiter's 3 s if it held the lock
+    got: dict[int, float] = {}
+    while ticket not in got:
+        got.update(slow_pool.poll(timeout_s=0.2))
+    assert got[ticket] == 1.0 and time.monotonic() - start < 1.0
+    while slow_pool.num_unfinished:
+        slow_pool.poll(timeout_s=0.5)
+    waiter.join(timeout=5)
+    assert not waiter.is_alive()
+    # With nothing to wait for, it returns after the timeout.
+    start = time.monotonic()
+    slow_pool.wait_for_answer(0.2)
+    assert 0.15 < time.monotonic() - start < 1.0
 
 
 def test_pool_too_long_boundary(slow_pool: RewardPool) -> None:
