@@ -14,7 +14,7 @@ acc0 + f x TRL's final gain for f in `--fractions`. Per target, the training sec
 first evaluation at or above it) and the ratio TRL / speed-async; a target TRL never reached while speed-async
 did counts TRL's whole training time (a lower bound, marked >). `speedup_vs_trl` is the median over seeds and
 targets of the hard mix, `speedup_vs_trl_ladder` the same on the ladder. Also per step: the mean RL-step time
-of both (`step_time_ratio` = speed-async / TRL).
+of both (`step_time_ratio` = speed-async / TRL: training seconds per step, evaluation left out).
 
     python benchmarks/vs_trl.py [--quick] [--seeds 0,1,2] [--budget-s 400] [--out results.md] [--plot fig.png]
     python benchmarks/vs_trl.py --analyze DIR      # tables and plot again from kept run directories
@@ -47,7 +47,6 @@ from benchmarks.runs import (  # noqa: E402
     eval_curve,
     median_or_none,
     run_train,
-    step_records,
 )
 from benchmarks.trl_peer import INSTALL_HINT  # noqa: E402
 
@@ -91,23 +90,21 @@ def run_trl(config: str, model: str, out: Path, seed: int, args: argparse.Namesp
             raise RuntimeError(f"{' '.join(argv[1:3])} into {out} exited with code {done.returncode}:\n{tail}")
 
 
-def trl_curve(out: Path) -> tuple[Curve, float]:
-    """TRL's accuracy curve (training seconds, steps, accuracy) and mean step seconds from trl_curve.json."""
+def trl_curve(out: Path) -> Curve:
+    """TRL's accuracy curve (training seconds, steps, accuracy) from trl_curve.json."""
     data = json.loads((out / "trl_curve.json").read_text())
     evals = sorted(data["evals"], key=lambda e: e["step"])
-    steps = data["steps"][1:] or data["steps"]  # the first step includes TRL's warm-up
-    curve = Curve(
+    return Curve(
         wall_s=tuple(float(e["train_s"]) for e in evals),
         steps=tuple(int(e["step"]) for e in evals),
         acc=tuple(float(e["acc"]) for e in evals),
     )
-    return curve, statistics.mean(s["step_s"] for s in steps)
 
 
-def ours_step_s(run_dir: Path) -> float:
-    """speed-async's mean RL-step time, the first step (start-up) left out."""
-    steps = step_records(run_dir)[1:]
-    return statistics.mean(float(r["time/step"]) for r in steps)
+def step_seconds(curve: Curve) -> float:
+    """Seconds of training per RL step: training time at the last evaluation over its step (both systems'
+    clocks leave out start-up and evaluation; speed-async's `time/step` would count an evaluation's stall)."""
+    return curve.wall_s[-1] / curve.steps[-1]
 
 
 def targets(pair: Pair, gains: list[float], fractions: list[float]) -> list[tuple[str, float, float]]:
@@ -122,21 +119,25 @@ def targets(pair: Pair, gains: list[float], fractions: list[float]) -> list[tupl
 
 
 def compare(pairs: list[Pair], gains: list[float], fractions: list[float]) -> tuple[list[list[Any]], dict[str, list]]:
-    """Rows (task, seed, target, seconds of each, ratio) and the ratios per task (None: speed-async never got
-    there; TRL's whole training time stands in where only TRL never got there)."""
+    """Rows (task, seed, target, seconds of each, ratio TRL / speed-async) and the ratios per task. A system that
+    never reached a target the other reached stands in with its whole training time: a lower bound of the ratio
+    (shown `>`) when TRL never got there, an upper bound (shown `<`) when speed-async never did; None when
+    neither did (left out of the medians)."""
     rows, ratios = [], {}
     for pair in pairs:
         for name, ours_target, trl_target in targets(pair, gains, fractions):
             ours_s, trl_s = pair.ours.time_to(ours_target), pair.trl.time_to(trl_target)
-            bound = trl_s is None and ours_s is not None
-            if bound:
-                trl_s = pair.trl.wall_s[-1]
+            mark = ""
+            if trl_s is None and ours_s is not None:
+                trl_s, mark = pair.trl.wall_s[-1], ">"
+            elif ours_s is None and trl_s is not None:
+                ours_s, mark = pair.ours.wall_s[-1], "<"
             ratio = trl_s / ours_s if ours_s and trl_s else None
             ratios.setdefault(pair.task, []).append(ratio)
-            shown = "-" if ratio is None else f"{'>' if bound else ''}{ratio:.2f}"
-            rows.append(
-                [pair.task, pair.seed, name, _s(ours_s), ("> " if bound else "") + _s(trl_s), shown]
-            )  # fmt: skip
+            shown = "-" if ratio is None else f"{mark}{ratio:.2f}"
+            ours_cell = ("> " if mark == "<" else "") + _s(ours_s)
+            trl_cell = ("> " if mark == ">" else "") + _s(trl_s)
+            rows.append([pair.task, pair.seed, name, ours_cell, trl_cell, shown])
     return rows, ratios
 
 
@@ -185,8 +186,8 @@ def load_pairs(base: Path, tasks: list[str], seeds: list[int]) -> list[Pair]:
         for seed in seeds:
             ours, trl = base / f"{task}-ours-s{seed}", base / f"{task}-trl-s{seed}"
             if (ours / "metrics.jsonl").is_file() and (trl / "trl_curve.json").is_file():
-                curve, step_s = trl_curve(trl)
-                pairs.append(Pair(task, seed, eval_curve(ours), curve, ours_step_s(ours), step_s))
+                ours_curve, trl = eval_curve(ours), trl_curve(trl)
+                pairs.append(Pair(task, seed, ours_curve, trl, step_seconds(ours_curve), step_seconds(trl)))
     return pairs
 
 

@@ -113,3 +113,22 @@ def test_window_rows_average_each_seed_then_over_seeds() -> None:
     assert headers == ["arm", "acc 0.0-0.5 min", "acc 0.5-1.0 min", "acc 1.0-1.5 min"]
     # Window 1: mean(0.7, 0.5) = 0.6, standard error stdev(0.7, 0.5) / sqrt(2) = 0.1; window 2: seed a only.
     assert rows == [["arm", "0.600 +- 0.100", "0.800 +- nan", "0.800 +- 0.100"]]
+
+
+def test_vs_trl_targets_bounds_and_step_seconds() -> None:
+    from benchmarks.runs import Curve
+    from benchmarks.vs_trl import Pair, compare, step_seconds
+
+    # speed-async: 0.60 -> 0.63 at 10 s -> 0.65 at 20 s; TRL: 0.61 -> 0.63 at 30 s, final 0.64 at 40 s.
+    ours = Curve(wall_s=(0.0, 10.0, 20.0), steps=(0, 5, 10), acc=(0.60, 0.63, 0.65))
+    trl = Curve(wall_s=(0.0, 30.0, 40.0), steps=(0, 10, 20), acc=(0.61, 0.63, 0.64))
+    pair = Pair("hardmix", 0, ours, trl, step_seconds(ours), step_seconds(trl))
+    assert (pair.ours_step_s, pair.trl_step_s) == (2.0, 2.0)  # training seconds per step at the last evaluation
+    rows, ratios = compare([pair], gains=[2.0, 4.0, 6.0], fractions=[0.5])
+    # +2 pt: ours 0.62 at 10 s, TRL 0.63 at 30 s -> 3.0. +4 pt: ours 0.64 at 20 s, TRL 0.65 never -> > 40/20.
+    # +6 pt: neither -> None. 0.5 x TRL's gain (0.03): ours 0.615 at 10 s, TRL 0.625 at 30 s -> 3.0.
+    assert ratios["hardmix"] == [3.0, 2.0, None, 3.0]
+    assert [r[5] for r in rows] == ["3.00", ">2.00", "-", "3.00"]
+    # The other way round: a target only TRL reached counts speed-async's whole time (an upper bound, "<").
+    _, flipped = compare([Pair("ladder", 0, trl, ours, 2.0, 2.0)], gains=[4.0], fractions=[])
+    assert flipped["ladder"] == [20.0 / 40.0]
