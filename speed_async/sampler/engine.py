@@ -135,6 +135,8 @@ class Engine:
         )
         self._engine = self._llm.llm_engine
         self.max_num_seqs = int(self._engine.vllm_config.scheduler_config.max_num_seqs)
+        self._tied = bool(getattr(self._engine.model_config.hf_config, "tie_word_embeddings", False))
+        """The LM head shares the input embedding: reloads add `lm_head.weight` (worker_extension.with_tied_head)."""
         self._unfinished: set[str] = set()
 
     # ---- streaming -----------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ class Engine:
         if not self._weight_sync:
             raise RuntimeError("receive_weights: call init_weight_sync first")
         start = time.perf_counter()
-        self._llm.collective_rpc("receive_weights_rpc", args=(version,))
+        self._llm.collective_rpc("receive_weights_rpc", args=(version, self._tied))
         self._reset_cache()
         self.version = version
         return time.perf_counter() - start
@@ -274,7 +276,7 @@ class Engine:
     def load_weights_from_tensors(self, named: list[tuple[str, torch.Tensor]], version: int) -> float:
         """Reload from local HF-named tensors as `version` (same reload path); returns seconds taken."""
         start = time.perf_counter()
-        self._llm.collective_rpc("reload_from_named", args=(named,))
+        self._llm.collective_rpc("reload_from_named", args=(named, self._tied))
         self._reset_cache()
         self.version = version
         return time.perf_counter() - start

@@ -12,12 +12,31 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 import torch
 
 from speed_async.weight_sync.broadcast import BufferPool, receive
 from speed_async.weight_sync.group import SyncGroup
+
+
+def with_tied_head(
+    named: Iterable[tuple[str, torch.Tensor]], names: Collection[str], tied: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`named`, plus `lm_head.weight` right after `model.embed_tokens.weight` when the embeddings are tied and
+    `names` (every name `named` holds) lacks it.
+
+    An HF checkpoint of a tied model, and the learner's broadcast, hold the embedding once. vLLM's layerwise
+    reload then loads nothing into its LM head and puts the head's old kernel tensors back ("ParallelLMHead:
+    Failed to load weights"): the sampler's head would keep the weights its engine started with (found and fixed
+    by the issue-15 work, where the measured log-prob error of such a reload was 0.40 nats on the tiny model).
+    """
+    add = tied and "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    for name, tensor in named:
+        yield name, tensor
+        if add and name == "model.embed_tokens.weight":
+            yield "lm_head.weight", tensor
 
 
 class WeightSyncWorkerExtension:
@@ -51,8 +70,9 @@ class WeightSyncWorkerExtension:
             generation=generation,
         )
 
-    def receive_weights_rpc(self, version: int) -> dict[str, float | int]:
-        """Receive one broadcast (which must be `version`) and reload it; returns sizes and timings."""
+    def receive_weights_rpc(self, version: int, tied: bool = False) -> dict[str, float | int]:
+        """Receive one broadcast (which must be `version`) and reload it (`tied`: the model's LM head shares the
+        embedding, see `with_tied_head`); returns sizes and timings."""
         group = self._weight_sync_group
         if group is None:
             raise RuntimeError("receive_weights_rpc: no weight-sync group; call init_weight_sync first")
@@ -72,7 +92,8 @@ class WeightSyncWorkerExtension:
         )
         if incoming.version != version:
             raise RuntimeError(f"weight broadcast carries version {incoming.version}, expected version {version}")
-        self.reload_weights(weights_iterator=incoming.tensors(), is_checkpoint_format=True)
+        names = {meta.name for bucket in incoming.buckets for meta in bucket.metas}
+        self.reload_weights(weights_iterator=with_tied_head(incoming.tensors(), names, tied), is_checkpoint_format=True)
         assert incoming.received_buckets == len(incoming.buckets), "reload must consume every bucket"
         incoming.release()  # the reload has copied every tensor into the model
         return {
@@ -82,11 +103,10 @@ class WeightSyncWorkerExtension:
             "seconds": time.perf_counter() - start,
         }
 
-    def reload_from_named(self, named: list[tuple[str, torch.Tensor]]) -> None:
+    def reload_from_named(self, named: list[tuple[str, torch.Tensor]], tied: bool = False) -> None:
         """Reload from local (name, tensor) pairs through the same path as a broadcast."""
-        self.reload_weights(
-            weights_iterator=((name, t.to(self.device)) for name, t in named), is_checkpoint_format=True
-        )
+        weights = with_tied_head(((name, t.to(self.device)) for name, t in named), {n for n, _ in named}, tied)
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
 
     def close_weight_sync(self) -> None:
         """Leave the sync group (no-op when not in one)."""
