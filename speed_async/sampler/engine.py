@@ -289,8 +289,11 @@ class Engine:
     def load_weights_from_tensors(self, named: list[tuple[str, torch.Tensor]], version: int) -> float:
         """Reload from local HF-named tensors as `version` (vLLM's worker `reload_weights`: the same layerwise
         reload as a broadcast); returns seconds taken."""
+        from speed_async.sampler.transfer_engine import tied_embeddings, with_tied_head
+
         start = time.perf_counter()
-        weights = [(name, t.to(self.device)) for name, t in named]
+        tied = tied_embeddings(self._engine.model_config)
+        weights = list(with_tied_head(((n, t.to(self.device)) for n, t in named), {n for n, _ in named}, tied))
         self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self._reset_cache()
         self.version = version

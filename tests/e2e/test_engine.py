@@ -134,3 +134,29 @@ def test_reload_changes_outputs_and_restoring_restores_them(engine: Engine, hf_m
 
     assert [tokens for tokens, _, _ in changed] != [tokens for tokens, _, _ in before]
     assert restored == before  # token ids, log-probs (bit for bit) and finish reasons
+
+
+def test_a_reload_without_the_tied_head_updates_the_head_too(engine: Engine, hf_model: torch.nn.Module) -> None:
+    # The learner publishes a tied model's embedding once (no lm_head.weight, like an HF checkpoint). Without the
+    # head in the reload, vLLM kept its old LM head: log-probs were off by 0.40 nats here after this perturbation.
+    from transformers import AutoModelForCausalLM
+
+    original = _weights(hf_model)
+    gen = torch.Generator().manual_seed(5)
+    perturbed = {name: t + 0.5 * t.std() * torch.randn(t.shape, generator=gen) for name, t in original}
+    perturbed["lm_head.weight"] = perturbed["model.embed_tokens.weight"]  # tied: one tensor
+    target = AutoModelForCausalLM.from_config(hf_model.config, attn_implementation="eager")
+    target.load_state_dict(perturbed)
+    target.eval()
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=12, seed=21)
+    try:
+        engine.load_weights_from_tensors([(n, t) for n, t in perturbed.items() if n != "lm_head.weight"], version=3)
+        result = engine.generate(_prompts(), [2, 2, 2], settings)
+    finally:
+        engine.load_weights_from_tensors(original, version=0)
+    worst = max(
+        float(np.abs(c.logprobs - _hf_logprobs(target, prompt, c, 1.0)).max())
+        for prompt, group in zip(_prompts(), result, strict=True)
+        for c in group
+    )
+    assert worst < LOGPROB_TOL, f"max |vLLM - transformers| after the reload: {worst:.3g}"
