@@ -82,11 +82,13 @@ class EvalSettings:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """`builtin:tiny` -> the cached tiny model; otherwise a directory holding an HF config.json."""
-    if model == "builtin:tiny":
-        from speed_async.tiny import ensure_tiny_model
+    """`builtin:tiny` / `builtin:tiny-long` -> the shipped model; otherwise a directory holding an HF config.json."""
+    if model.startswith("builtin:"):
+        from speed_async.tiny.store import BUILTIN_MODELS, resolve_builtin
 
-        return ensure_tiny_model()
+        if model not in BUILTIN_MODELS:
+            raise ValueError(f"--model {model}: allowed builtin models: {sorted(BUILTIN_MODELS)}")
+        return Path(str(resolve_builtin(model)))
     path = Path(model)
     if not path.is_dir():
         raise ValueError(

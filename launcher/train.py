@@ -71,11 +71,13 @@ def free_port() -> int:
 
 
 def resolve_model(path: str) -> str:
-    """`builtin:tiny` -> the cached embedded tiny model (built on first use); anything else as given."""
-    if path == "builtin:tiny":
-        from speed_async.tiny import ensure_tiny_model
+    """`builtin:tiny` / `builtin:tiny-long` -> the shipped model's directory (checked); anything else as given."""
+    if path.startswith("builtin:"):
+        from speed_async.tiny.store import BUILTIN_MODELS, resolve_builtin
 
-        return str(ensure_tiny_model())
+        if path not in BUILTIN_MODELS:
+            raise ValueError(f"model.path = {path!r} is invalid: allowed builtin models: {sorted(BUILTIN_MODELS)}")
+        return str(resolve_builtin(path))
     if not Path(path).is_dir():
         raise ValueError(f"model.path = {path!r} is invalid: not a directory (or use 'builtin:tiny')")
     return path

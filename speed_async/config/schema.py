@@ -20,7 +20,8 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "builtin:tiny"
-    """A Hugging Face model directory, or `builtin:tiny` for the embedded tiny Qwen2 model (built and cached)."""
+    """A Hugging Face model directory, `builtin:tiny` for the embedded tiny Qwen2 model, or `builtin:tiny-long` for
+    it warm-started further on the long-tail sums task (both shipped in the package, checked by sha256)."""
     train_dtype: Literal["float32", "bfloat16"] = "float32"
     """Learner parameter dtype for mixed precision compute (bfloat16 on GPU; float32 on CPU)."""
     engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
@@ -30,7 +31,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train_files: tuple[str, ...] = ("builtin:arithmetic/train",)
-    """Training prompt sources: `.jsonl` ({problem, answer}), VeRL `.parquet`, or `builtin:arithmetic/<split>`."""
+    """Training prompt sources: `.jsonl` ({problem, answer}), VeRL `.parquet`, `builtin:arithmetic/<split>`, or
+    `builtin:sums/<split>` (the long-tail task)."""
     eval_files: tuple[str, ...] = ("builtin:arithmetic/test",)
     """Held-out sources evaluated every `trainer.eval_every` steps, reported per data source."""
     train_batch_size: int = 16

@@ -1,16 +1,21 @@
-"""The vLLM engine wrapper: the only module of the project that imports vLLM (inside functions, so that
-importing this module stays cheap).
+"""The vLLM engine wrapper: with its weight-transfer engine (transfer_engine.py), the only module of the project
+that imports vLLM (inside functions, so that importing this module stays cheap).
+
+Weights come through vLLM's weight-transfer interface (`init_weight_transfer_engine`, `start_weight_update`,
+`update_weights`, `finish_weight_update`) served by this project's engine in vLLM's factory
+(`speed_async.sampler.transfer_engine`): the learner's bucketed broadcast on the sync group, gloo on CPU and NCCL
+on CUDA, the same code.
 
 Two ways to sample. The streaming API drives vLLM's engine request by request, in process: `submit` adds one
 request (one sample of one prompt) at any time, `step` runs one engine step (continuous batching over every
 unfinished request) and returns the requests that finished in it, `abort` drops requests. Nothing generates
 between two `step` calls, so weights can change there with requests in flight: `receive_weights` (a broadcast
-from the learner, through the worker extension) or `load_weights_from_tensors` (local tensors, same reload
-path) then reset the prefix cache (cached KV blocks were computed with the old weights) and, with requests in
-flight, make the engine recompute their KV under the new weights (vLLM's preemption: the sampled tokens stay,
-the cache is rebuilt), which is what vLLM's own `pause_generation(mode="keep")` with a cache reset does. The
-batch API, `generate`, takes a whole list of prompts in one blocking call (evaluation, benchmarks); never mix
-it with requests in flight.
+from the learner, through the weight-transfer interface) or `load_weights_from_tensors` (local tensors, the
+same layerwise reload) then reset the prefix cache (cached KV blocks were computed with the old weights) and,
+with requests in flight, make the engine recompute their KV under the new weights (vLLM's preemption: the
+sampled tokens stay, the cache is rebuilt), which is what vLLM's own `pause_generation(mode="keep")` with a
+cache reset does. The batch API, `generate`, takes a whole list of prompts in one blocking call (evaluation,
+benchmarks); never mix it with requests in flight.
 
 Behaviour log-probs: the engine runs with vLLM's `logprobs_mode="processed_logprobs"`, i.e. the log-prob of
 each sampled token under the distribution it was actually sampled from (after temperature and top-p, which
@@ -28,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-EXTENSION = "speed_async.weight_sync.worker_extension.WeightSyncWorkerExtension"
 DEVICES = ("cpu", "cuda")
 FINISH_REASONS = ("stop", "length")
 
@@ -111,7 +115,10 @@ class Engine:
         if device not in DEVICES:
             raise ValueError(f"Engine device={device!r} is not supported; allowed: {list(DEVICES)}")
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
         from vllm.platforms import current_platform
+
+        from speed_async.sampler.transfer_engine import register
 
         if current_platform.device_type != device:
             raise ValueError(
@@ -131,12 +138,10 @@ class Engine:
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
             logprobs_mode="processed_logprobs",
-            worker_extension_cls=EXTENSION,
+            weight_transfer_config=WeightTransferConfig(backend=register()),
         )
         self._engine = self._llm.llm_engine
         self.max_num_seqs = int(self._engine.vllm_config.scheduler_config.max_num_seqs)
-        self._tied = bool(getattr(self._engine.model_config.hf_config, "tie_word_embeddings", False))
-        """The LM head shares the input embedding: reloads add `lm_head.weight` (worker_extension.with_tied_head)."""
         self._unfinished: set[str] = set()
 
     # ---- streaming -----------------------------------------------------------------------------------------
@@ -257,9 +262,15 @@ class Engine:
                 f"weight-sync backend={backend!r} does not fit device {self.device!r}; "
                 f"allowed: {BACKENDS[self.device]!r}"
             )
-        self._llm.collective_rpc(
-            "init_weight_sync", args=(master_addr, master_port, rank, world_size, timeout_s, generation)
-        )
+        info = {
+            "master_address": master_addr,
+            "master_port": master_port,
+            "rank": rank,
+            "world_size": world_size,
+            "timeout_s": timeout_s,
+            "generation": generation,
+        }
+        self._llm.init_weight_transfer_engine({"init_info": info})
         self._weight_sync = True
 
     def receive_weights(self, version: int) -> float:
@@ -268,15 +279,22 @@ class Engine:
         if not self._weight_sync:
             raise RuntimeError("receive_weights: call init_weight_sync first")
         start = time.perf_counter()
-        self._llm.collective_rpc("receive_weights_rpc", args=(version, self._tied))
+        self._llm.start_weight_update()
+        self._llm.update_weights({"update_info": {"version": version}})
+        self._llm.finish_weight_update()
         self._reset_cache()
         self.version = version
         return time.perf_counter() - start
 
     def load_weights_from_tensors(self, named: list[tuple[str, torch.Tensor]], version: int) -> float:
-        """Reload from local HF-named tensors as `version` (same reload path); returns seconds taken."""
+        """Reload from local HF-named tensors as `version` (vLLM's worker `reload_weights`: the same layerwise
+        reload as a broadcast); returns seconds taken."""
+        from speed_async.sampler.transfer_engine import tied_embeddings, with_tied_head
+
         start = time.perf_counter()
-        self._llm.collective_rpc("reload_from_named", args=(named, self._tied))
+        tied = tied_embeddings(self._engine.model_config)
+        weights = list(with_tied_head(((n, t.to(self.device)) for n, t in named), {n for n, _ in named}, tied))
+        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self._reset_cache()
         self.version = version
         return time.perf_counter() - start
@@ -286,7 +304,7 @@ class Engine:
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
         if self._weight_sync:
-            self._llm.collective_rpc("close_weight_sync")
+            self._llm.shutdown_weight_transfer_engine()
             self._weight_sync = False
         self._llm.llm_engine.engine_core.shutdown()
         del self._llm

@@ -1,9 +1,12 @@
-"""Where the tiny model comes from: the copy shipped in the package (`builtin:tiny`), or a build from a recipe.
+"""Where the tiny models come from: the copies shipped in the package (`builtin:tiny`, `builtin:tiny-long`), or a
+build from a recipe.
 
 ```
- speed_async/tiny/model_files/     the model built by the pinned default recipe on an AVX2 machine: tokenizer,
-                                   config, float32 safetensors weights and its build_info.json (about 5 MB)
- speed_async/tiny/manifest.json    {"recipe_digest": ..., "files": {name: sha256}} of those files
+ speed_async/tiny/model_files/          the model built by the pinned default recipe on an AVX2 machine: tokenizer,
+                                        config, float32 safetensors weights and its build_info.json (about 5 MB)
+ speed_async/tiny/manifest.json         {"recipe_digest": ..., "files": {name: sha256}} of those files
+ speed_async/tiny/model_files_long/     `builtin:tiny-long`: that model warm-started further on the long-tail sums
+ speed_async/tiny/manifest_long.json    (speed_async.tiny.longstart), and its manifest
 ```
 `ensure_tiny_model()` returns the shipped directory after checking every file against the manifest, so that
 `make run` and `make test` start from the same bytes on every machine: a build, pinned to AVX2 arithmetic or
@@ -30,6 +33,13 @@ if TYPE_CHECKING:
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "model_files"
 MANIFEST = SHIPPED_DIR.parent / "manifest.json"
+SHIPPED_LONG_DIR = SHIPPED_DIR.parent / "model_files_long"
+MANIFEST_LONG = SHIPPED_DIR.parent / "manifest_long.json"
+BUILTIN_MODELS: dict[str, tuple[Path, Path]] = {
+    "builtin:tiny": (SHIPPED_DIR, MANIFEST),
+    "builtin:tiny-long": (SHIPPED_LONG_DIR, MANIFEST_LONG),
+}
+"""The shipped models by name: (directory, manifest)."""
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 """The files that make the model (build_info.json, also shipped and checked, records how it was built)."""
 
@@ -65,9 +75,9 @@ def read_manifest(path: Path = MANIFEST) -> dict:
     return manifest
 
 
-def verify_model_dir(model_dir: Path, manifest: dict) -> None:
-    """Check every file the manifest names against its sha256; ValueError naming the first one that is missing
-    or differs, and what to do."""
+def verify_model_dir(model_dir: Path, manifest: dict, manifest_path: Path = MANIFEST) -> None:
+    """Check every file the manifest (read from `manifest_path`) names against its sha256; ValueError naming the
+    first one that is missing or differs, and what to do."""
     for name, want in sorted(manifest["files"].items()):
         path = Path(model_dir) / name
         if not path.is_file():
@@ -76,19 +86,32 @@ def verify_model_dir(model_dir: Path, manifest: dict) -> None:
             digest = file_digests(Path(model_dir), (name,))[name]
             if digest == want:
                 continue
-            got = f"has sha256 {digest}, the manifest {MANIFEST} says {want}"
+            got = f"has sha256 {digest}, the manifest {manifest_path} says {want}"
+        long = manifest_path == MANIFEST_LONG
+        shipped = "model_files_long" if long else "model_files"
+        rebuild = "python -m speed_async.tiny.longstart DIR" if long else "speed-async make-tiny --out DIR"
         raise ValueError(
             f"the shipped tiny model's file {path} {got}: the installed copy is damaged or was changed. Reinstall "
-            "speed-async (in a checkout: `git checkout speed_async/tiny/model_files`), or rebuild a model from the "
-            "recipe with `speed-async make-tiny --out DIR` and set model.path=DIR (a rebuild may differ on another "
-            "CPU)"
+            f"speed-async (in a checkout: `git checkout speed_async/tiny/{shipped}`), or rebuild a model from the "
+            f"recipe with `{rebuild}` and set model.path=DIR (a rebuild may differ on another CPU)"
         )
 
 
-def shipped_model_dir() -> Path:
-    """The shipped tiny model's directory, checked file by file against the manifest."""
-    verify_model_dir(SHIPPED_DIR, read_manifest())
-    return SHIPPED_DIR
+def shipped_model_dir(name: str = "builtin:tiny") -> Path:
+    """The directory of shipped model `name` (a key of BUILTIN_MODELS), checked file by file against its manifest."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"model {name!r} is not a shipped model; allowed: {sorted(BUILTIN_MODELS)}")
+    model_dir, manifest_path = BUILTIN_MODELS[name]
+    verify_model_dir(model_dir, read_manifest(manifest_path), manifest_path)
+    return model_dir
+
+
+def resolve_builtin(path: str) -> Path | None:
+    """The checked directory of a shipped model named `path` (`builtin:tiny`, `builtin:tiny-long`); None for a path
+    that does not start with ``builtin:``; ValueError naming the allowed names for an unknown ``builtin:`` one."""
+    if not path.startswith("builtin:"):
+        return None
+    return shipped_model_dir(path)
 
 
 def ensure_tiny_model(

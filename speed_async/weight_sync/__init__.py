@@ -1,2 +1,3 @@
-"""Weight sync: the sync group (group.py), bucket plan (buckets.py), bucketed broadcast (broadcast.py) and the
-vLLM worker extension that receives inside the engine (worker_extension.py). No vLLM imports here."""
+"""Weight sync: the sync group (group.py), bucket plan (buckets.py) and bucketed broadcast (broadcast.py). The
+receiving end inside vLLM is speed_async.sampler.transfer_engine (vLLM's weight-transfer interface). No vLLM
+imports here."""

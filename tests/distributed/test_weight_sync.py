@@ -189,11 +189,12 @@ def test_engine_outputs_after_broadcast_equal_a_local_load(tiny_model_dir: Path)
     proc = ctx.Process(target=_receiver_main, args=(str(tiny_model_dir), port, queue))
     proc.start()
     try:
+        weights = [_perturbed(tiny_model_dir, 1), _perturbed(tiny_model_dir, 2)]  # before the receiver's clock runs
         assert queue.get(timeout=120) == ("ready", None)
         group = SyncGroup.connect("127.0.0.1", port, rank=0, world_size=2, device="cpu", timeout_s=30)
         broadcaster = WeightBroadcaster(group, bucket_bytes=BUCKET_BYTES)
-        stats: SyncStats = broadcaster.send(_perturbed(tiny_model_dir, 1), version=1)
-        broadcaster.send(_perturbed(tiny_model_dir, 2), version=2)
+        stats: SyncStats = broadcaster.send(weights[0], version=1)
+        broadcaster.send(weights[1], version=2)
         tag, (initial, synced, local, receive_s) = queue.get(timeout=60)
         group.close()
     finally:

@@ -1,5 +1,5 @@
 """The vLLM engine wrapper on CPU with the tiny model: sample counts, behaviour log-probs, finish reasons,
-and weight reloads through the worker extension."""
+and weight reloads (vLLM's layerwise reload, as the weight-transfer engine does it)."""
 
 from __future__ import annotations
 

@@ -41,11 +41,39 @@ def test_builtin_tiny_is_the_shipped_model_of_the_default_recipe(tmp_path: Path)
     assert num_parameters(model) == info["num_parameters"] == 1263872
 
 
+def test_builtin_tiny_long_is_the_tiny_model_warm_started_on_the_sums(tmp_path: Path) -> None:
+    from speed_async.tiny.longstart import LongRecipe
+
+    long_dir = store.shipped_model_dir("builtin:tiny-long")
+    manifest = store.read_manifest(store.MANIFEST_LONG)
+    assert manifest["recipe_digest"] == LongRecipe().digest(), "the shipped model must be the current recipe's"
+    assert sorted(manifest["files"]) == sorted(p.name for p in long_dir.iterdir())
+    info = json.loads((long_dir / "build_info.json").read_text())
+    assert info["recipe"]["base_digest"] == store.read_manifest()["recipe_digest"] == TinyRecipe().digest()
+    # The tiny model's tokenizer byte for byte, its shape, a context of 1024 (the longest sum takes ~650 tokens).
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (long_dir / name).read_bytes() == (SHIPPED_DIR / name).read_bytes()
+    config = json.loads((long_dir / "config.json").read_text())
+    assert config["max_position_embeddings"] == 1024 and config["hidden_size"] == 256
+    # The README's numbers: 200 held-out sums, n = 8 at temperature 1; short rungs solved, long ones never.
+    assert (round(info["eval"]["sampled_accuracy"], 3), info["eval"]["greedy_accuracy"]) == (0.142, 0.215)
+    assert info["eval"]["pass_histogram"] == [145, 17, 4, 4, 5, 6, 3, 6, 10]
+    with pytest.raises(ValueError, match=r"'builtin:tiny-huge' is not a shipped model; allowed: \['builtin:tiny'"):
+        store.shipped_model_dir("builtin:tiny-huge")
+    assert store.resolve_builtin("runs/x/final_model") is None
+    copy = tmp_path / "long"
+    shutil.copytree(long_dir, copy)
+    (copy / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"config\.json has sha256 .*git checkout speed_async/tiny/model_files_long"):
+        store.verify_model_dir(copy, manifest, store.MANIFEST_LONG)
+
+
 def test_the_package_data_ships_every_file_of_the_model() -> None:
     # What a regular (non-editable) install copies: pyproject's package-data globs must cover the model.
     globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["speed_async"]
     package = REPO / "speed_async"
-    shipped = {p.relative_to(package).as_posix() for p in SHIPPED_DIR.iterdir()} | {"tiny/manifest.json"}
+    shipped = {p.relative_to(package).as_posix() for d in (SHIPPED_DIR, store.SHIPPED_LONG_DIR) for p in d.iterdir()}
+    shipped |= {"tiny/manifest.json", "tiny/manifest_long.json"}
     covered = {p.relative_to(package).as_posix() for g in globs for p in package.glob(g)}
     assert shipped <= covered, sorted(shipped - covered)
 

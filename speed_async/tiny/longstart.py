@@ -1,0 +1,216 @@
+"""Build `builtin:tiny-long`: the shipped tiny model, warm-started further on the long-tail sums task.
+
+The long-tail task (`speed_async.data.sums`) asks for the same column-by-column steps as the arithmetic task,
+with up to 12 operands of up to 14 digits, so responses run from about 20 to over 400 tokens. The tiny model
+(`builtin:tiny`) already writes column steps for two operands; this recipe continues its supervised warm start
+on the sums (context raised to `max_position_embeddings`: RoPE has no learned positions, so the weights carry
+over unchanged), each step on one level's prompts (levels drawn uniformly, so the rare long ones are learned
+too), and evaluates it per level. The result answers short sums often, long ones rarely: a spread of pass rates
+and of response lengths, which is what `benchmarks/long_tail.py` needs.
+
+Like the tiny build it runs in a process of its own with AVX2-pinned numerics (`warmstart.pinned_numerics`);
+the built bytes ship in speed_async/tiny/model_files_long (see `speed_async.tiny.store`).
+
+    python -m speed_async.tiny.longstart OUT_DIR      # build with the default recipe
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2ForCausalLM
+
+from speed_async.data import sums
+from speed_async.data.records import PromptRecord
+from speed_async.tiny.warmstart import (
+    BUILD_TIMEOUT_S,
+    _collate,
+    _lr_factor,
+    evaluate,
+    pinned_numerics,
+    prompt_text,
+    set_cpu_threads,
+)
+
+LONG_RECIPE_VERSION = "tiny-long-v1"
+"""Bump when the sums task or the training code changes what the recipe builds."""
+
+
+@dataclass(frozen=True)
+class LongRecipe:
+    """Everything that determines the `builtin:tiny-long` build (its hash is recorded with the shipped bytes)."""
+
+    base_digest: str = "4aef685f8d8f"
+    """Recipe digest of the model it starts from: the shipped `builtin:tiny` (checked before building)."""
+    seed: int = 0
+    """Seed of the level order and the batches."""
+    max_position_embeddings: int = 1024
+    """Context of the new model (the longest sum's prompt and response take about 650 tokens)."""
+    steps: int = 500
+    """Supervised optimizer steps, each on `batch_size` prompts of one level."""
+    batch_size: int = 32
+    """Sequences per step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to 10%)."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    eval_prompts: int = 200
+    """Held-out sums evaluated at the end of the build (recorded in build_info.json)."""
+    eval_n: int = 8
+    """Samples per prompt at temperature 1 in that evaluation."""
+    max_new_tokens: int = 480
+    """Response length limit when evaluating (the longest target is 437 tokens)."""
+    version: str = LONG_RECIPE_VERSION
+    """Recipe version string."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_prompts", "eval_n", "max_new_tokens", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LongRecipe.{name}={getattr(self, name)} is not allowed; allowed: >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"LongRecipe.lr={self.lr} is not allowed; allowed: > 0")
+
+    def digest(self) -> str:
+        """12 hex digits of the sha256 of the recipe's JSON form."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _examples(tokenizer: PreTrainedTokenizerFast, records: list[PromptRecord]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + eos) per record, tokenized separately as in RL."""
+    prompts = tokenizer([prompt_text(str(r.prompt)) for r in records])["input_ids"]
+    answers = tokenizer([sums.solution_text(str(r.prompt)) for r in records])["input_ids"]
+    return [(p, [*a, tokenizer.eos_token_id]) for p, a in zip(prompts, answers, strict=True)]
+
+
+def warm_start(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, recipe: LongRecipe) -> list[float]:
+    """Train `model` in place on the sums train split, one level per step; returns the loss per step."""
+    pools: dict[int, list[PromptRecord]] = {}
+    for record in sums.load_split("train", seed=recipe.seed):
+        pools.setdefault(int(record.extra["level"]), []).append(record)
+    rng = random.Random(f"tiny-long-{recipe.seed}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
+    # _lr_factor reads only `steps` and `warmup_steps`, which this recipe has too.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))  # type: ignore[arg-type]
+    model.train()
+    losses = []
+    for step in range(recipe.steps):
+        level = rng.choice(sorted(pools))
+        batch = _collate(_examples(tokenizer, rng.sample(pools[level], recipe.batch_size)), tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            print(f"step {step} level {level} loss {loss.item():.4f}", flush=True)
+    model.eval()
+    return losses
+
+
+def build_tiny_long(out_dir: Path, base_dir: Path, recipe: LongRecipe | None = None) -> Path:
+    """Build the long-tail model into `out_dir` (new or empty) from the tiny model in `base_dir`; returns it.
+
+    Writes the tokenizer (the base's), config.json (context raised), generation_config.json, model.safetensors
+    and build_info.json (recipe, timings, the held-out evaluation per level).
+    """
+    recipe = recipe or LongRecipe()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"out_dir={str(out_dir)!r} is not empty; build_tiny_long needs a new or empty directory")
+    base_info = json.loads((Path(base_dir) / "build_info.json").read_text())
+    if base_info["recipe_digest"] != recipe.base_digest:
+        raise ValueError(
+            f"base model {base_dir} was built by recipe {base_info['recipe_digest']}, LongRecipe.base_digest is "
+            f"{recipe.base_digest}: start from the shipped builtin:tiny"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pins = pinned_numerics()
+    if any(os.environ.get(name) != value for name, value in pins.items()):
+        _build_in_subprocess(out_dir, base_dir, recipe, pins)
+        return out_dir
+    started, started_cpu = time.monotonic(), time.process_time()
+    threads = set_cpu_threads()
+    torch.manual_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = Qwen2ForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    model.config.max_position_embeddings = recipe.max_position_embeddings
+    tokenizer.model_max_length = recipe.max_position_embeddings
+    losses = warm_start(model, tokenizer, recipe)
+    train_seconds = time.monotonic() - started
+    # Evaluated level by level (generation stops when a chunk's longest response ends).
+    held_out = sorted(sums.load_split("test", seed=recipe.seed)[: recipe.eval_prompts], key=lambda r: r.extra["level"])
+    result = evaluate(
+        model, tokenizer, held_out, n=recipe.eval_n, max_new_tokens=recipe.max_new_tokens, chunk_prompts=25
+    )
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the base's tokenizer, byte for byte
+        shutil.copyfile(Path(base_dir) / name, out_dir / name)
+    info: dict[str, Any] = {
+        "recipe": dataclasses.asdict(recipe),
+        "recipe_digest": recipe.digest(),
+        "task": "builtin:sums",
+        "torch_threads": threads,
+        "numerics": {"env": pinned_numerics(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "train_seconds": round(train_seconds, 2),
+        "build_seconds": round(time.monotonic() - started, 2),
+        "build_cpu_seconds": round(time.process_time() - started_cpu, 2),
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "eval": dataclasses.asdict(result),
+    }
+    (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out_dir
+
+
+def _build_in_subprocess(out_dir: Path, base_dir: Path, recipe: LongRecipe, pins: dict[str, str]) -> None:
+    """`build_tiny_long` in ``python -m speed_async.tiny.longstart`` with `pins` set; RuntimeError with the tail of
+    its output when it fails or runs past BUILD_TIMEOUT_S."""
+    argv = [
+        sys.executable, "-m", "speed_async.tiny.longstart", str(out_dir), "--base", str(base_dir),
+        "--recipe", json.dumps(dataclasses.asdict(recipe)),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            argv, env={**os.environ, **pins}, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"the tiny-long build into {out_dir} ran past {BUILD_TIMEOUT_S:.0f} s") from err
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
+        raise RuntimeError(f"the tiny-long build into {out_dir} exited with code {done.returncode}:\n{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build into OUT_DIR from --base (default: the shipped builtin:tiny) with --recipe (JSON, default recipe)."""
+    import argparse
+
+    from speed_async.tiny.store import shipped_model_dir
+
+    parser = argparse.ArgumentParser(prog="python -m speed_async.tiny.longstart", description=main.__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--base", type=Path, default=None)
+    parser.add_argument("--recipe", default=None)
+    args = parser.parse_args(argv)
+    recipe = LongRecipe(**json.loads(args.recipe)) if args.recipe else LongRecipe()
+    build_tiny_long(args.out_dir, args.base or shipped_model_dir(), recipe)
+    print(f"built {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
