@@ -23,6 +23,7 @@ from speed_async.protocol import (
     NoWork,
     ProtocolError,
     Rejoin,
+    RewardStats,
     RolloutGroup,
     ScreenReport,
     Shutdown,
@@ -57,6 +58,7 @@ def work_item(prompt_id: int = 7, num_continue: int = 20) -> WorkItem:
         ground_truth="42",
         num_screen=4,
         num_continue=num_continue,
+        extra='{"numbers": [3, 7]}',
     )
 
 
@@ -99,6 +101,17 @@ def examples() -> dict[str, Message]:
         Shutdown(reason="done"),
         SyncFailed(sampler_id=3, generation=2, version=6, error="bucket 0 of 1 timed out"),
         Rejoin(reason="declared lost after 120 s of silence"),
+        RewardStats(
+            sampler_id=3,
+            data_source="countdown",
+            responses=10,
+            failed_error=1,
+            failed_invalid=2,
+            failed_timeout=1,
+            metric_names=["score", "valid"],
+            metric_sums=np.array([4.0, 6.0], dtype="<f4"),
+            metric_counts=np.array([10, 6], dtype="<i4"),
+        ),
         EvalAssignment(items=[work_item(30, num_continue=0)], version=6),
         EvalResult(
             sampler_id=3,
@@ -169,10 +182,10 @@ def test_decoded_arrays_are_numpy_views_with_wire_dtypes() -> None:
 def test_exact_frame_layout_of_a_small_message() -> None:
     # body = fixmap(1) 0x81, fixstr(6) 0xa6 "reason", fixstr(1) 0xa1 "x"  -> 1 + 7 + 2 = 10 bytes
     body = b"\x81\xa6reason\xa1x"
-    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", the version as a positive fixint (3: 0x03),
+    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", the version as a positive fixint (4: 0x04),
     # bin8 0xc4 0x0a + body, nil 0xc0
     version = bytes([SCHEMA_VERSION])
-    assert version == b"\x03"
+    assert version == b"\x04"
     assert encode(Shutdown(reason="x")) == b"\x94\xa8shutdown" + version + b"\xc4\x0a" + body + b"\xc0"
     # mac = HMAC-SHA256(key, packb("shutdown") || packb(version) || body); bin8 0xc4 0x20 + 32 bytes
     mac = hmac.new(KEY, b"\xa8shutdown" + version + body, hashlib.sha256).digest()
