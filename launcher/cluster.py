@@ -142,6 +142,9 @@ def run_worker(config: Config, resume: bool = False) -> int:
             run_dir = Path(_get(store, KEY_RUN_DIR, timeout, "rank 0").decode())
             run_dir.mkdir(parents=True, exist_ok=True)
         model = resolve_model(config.model.path)
+        from speed_async.rewards import check_functions
+
+        check_functions(config.reward.functions)  # on every node: its reward workers import them
         log.info("role %s of %d workers; run directory %s; model %s", role.name, world, run_dir, model)
         if role.kind == "learner":
             return _run_learner(config, role, store, run_dir, model, resume)

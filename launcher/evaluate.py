@@ -1,10 +1,11 @@
 """`speed-async eval`: mean@k accuracy of a saved HF model, per data source, on problem/answer files.
 
 The same pieces as training's evaluation: `read_prompt_file` reads the sources, `PromptEncoder` renders each
-problem with the paper's instruction suffix (never truncating), the vLLM `Engine` samples `n` responses per
-prompt in one generate call per chunk of prompts, and a `RewardPool` scores them with Math-Verify under a
-time limit. A prompt's accuracy is the mean score of its `n` samples; a source's accuracy (mean@n) is the
-mean over its prompts, as in `eval/<source>/acc` of a training run.
+problem with the instruction suffix (`--prompt-suffix`, default the paper's; never truncating), the vLLM
+`Engine` samples `n` responses per prompt in one generate call per chunk of prompts, and a `RewardPool` scores
+them under a time limit: with the data source's builtin reward function (`countdown`), else Math-Verify. A
+prompt's accuracy is the mean score of its `n` samples; a source's accuracy (mean@n) is the mean over its
+prompts, as in `eval/<source>/acc` of a training run.
 
 Prompts longer than the model's context minus `max_tokens` cannot be sampled; they are left out and counted
 per source (`overlong`), never truncated.
@@ -51,6 +52,8 @@ class EvalSettings:
     """Prompts per vLLM generate call, >= 1."""
     chat_template: bool = False
     """Render prompts with the tokenizer's chat template (as data.chat_template)."""
+    prompt_suffix: str = " Let's think step by step and output the final answer within \\boxed{}."
+    """Appended to every problem (as data.prompt_suffix; default: the paper's instruction)."""
     dtype: str = "auto"
     """vLLM dtype: auto, float32, bfloat16 or float16."""
     device: str = "auto"
@@ -137,14 +140,14 @@ def evaluate(model: str, files: Sequence[str], settings: EvalSettings) -> dict[s
         )
     from transformers import AutoTokenizer
 
-    from speed_async.data.templates import INSTRUCTION_SUFFIX, PromptEncoder
+    from speed_async.data.templates import PromptEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     encoder = PromptEncoder(
         tokenizer,
         max_prompt_length=limit - settings.max_tokens,
         on_overlong="skip",
-        suffix=INSTRUCTION_SUFFIX,
+        suffix=settings.prompt_suffix,
         chat_template=settings.chat_template,
     )
     sources: dict[str, dict[str, Any]] = {}
@@ -189,7 +192,8 @@ def _sample_and_score(
     engine and reward workers, generating and scoring)."""
     import torch
 
-    from speed_async.rewards import RewardPool
+    from speed_async.data.records import encode_extra
+    from speed_async.rewards import RewardItem, RewardPool, effective_functions
     from speed_async.sampler.engine import Engine, SamplingSettings
 
     device = settings.device
@@ -203,7 +207,10 @@ def _sample_and_score(
     generated = 0
     timings = {"startup_s": 0.0, "generation_s": 0.0, "scoring_s": 0.0}
     start = time.perf_counter()
-    with RewardPool(num_workers=settings.reward_workers, timeout_s=settings.reward_timeout_s) as rewards:
+    pool = RewardPool(
+        num_workers=settings.reward_workers, timeout_s=settings.reward_timeout_s, functions=effective_functions({})
+    )
+    with pool as rewards:
         engine = Engine(
             str(model_dir),
             device=device,
@@ -223,7 +230,12 @@ def _sample_and_score(
                 completions = engine.generate([ids for _, ids in chunk], [settings.n] * len(chunk), sampling)
                 timings["generation_s"] += time.perf_counter() - start
                 items = [
-                    (tokenizer.decode(c.token_ids, skip_special_tokens=True), record.ground_truth)
+                    RewardItem(
+                        tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                        record.ground_truth,
+                        record.data_source,
+                        encode_extra(record.extra),
+                    )
                     for (record, _), group in zip(chunk, completions, strict=True)
                     for c in group
                 ]

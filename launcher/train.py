@@ -79,7 +79,7 @@ def resolve_model(path: str) -> str:
             raise ValueError(f"model.path = {path!r} is invalid: allowed builtin models: {sorted(BUILTIN_MODELS)}")
         return str(resolve_builtin(path))
     if not Path(path).is_dir():
-        raise ValueError(f"model.path = {path!r} is invalid: not a directory (or use 'builtin:tiny')")
+        raise ValueError(f"model.path = {path!r} is invalid: not a directory (or one of {sorted(BUILTIN_MODELS)})")
     return path
 
 
@@ -298,8 +298,9 @@ def supervise(
 
 def check_data(config: Config, model: str) -> str:
     """Load and encode the run's prompts as the learner will (its tokenizer, speed_async.data.prepare), so that
-    a bad row or an over-long prompt is an error (DataError, a ValueError) before any process starts. Returns a
-    line that says what was found."""
+    a bad row or an over-long prompt is an error (DataError, a ValueError) before any process starts; then
+    import every reward.functions entry as the reward workers will, so that a path that does not resolve, or a
+    source that is none of the data's, is a ValueError naming it. Returns a line that says what was found."""
     import logging
 
     from speed_async.data.prepare import prepare_prompts
@@ -318,6 +319,9 @@ def check_data(config: Config, model: str) -> str:
                  (("train", config.data.train_files), ("eval", config.data.eval_files)) if files]  # fmt: skip
     finally:
         quiet.setLevel(level)
+    from speed_async.rewards import check_functions
+
+    check_functions(config.reward.functions, {p.data_source for _, prepared in found for p in prepared.prompts})
     counts = []
     for role, prepared in found:
         left_out = len(prepared.skipped_rows) + len(prepared.overlong)

@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="mean@k accuracy of a saved HF model per data source (vLLM + Math-Verify)")
     ev.add_argument(
-        "--model", required=True, help="a saved HF model directory (e.g. <run>/final_model) or builtin:tiny"
+        "--model",
+        required=True,
+        help="a saved HF model directory (e.g. <run>/final_model), builtin:tiny or builtin:tiny-countdown",
     )
     ev.add_argument(
         "--data",
@@ -79,7 +81,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         action="extend",
         nargs="+",
         metavar="FILE",
-        help="problem/answer .jsonl, VeRL .parquet or builtin:arithmetic/<split>; repeat for several",
+        help="problem/answer .jsonl, VeRL .parquet, builtin:arithmetic/<split> or builtin:countdown/<split>; "
+        "repeat for several",
     )
     ev.add_argument("--n", type=int, required=True, help="samples per prompt (accuracy is mean@n)")
     ev.add_argument("--max-prompts", type=int, default=0, help="first M prompts of each file (default 0: all)")
@@ -89,6 +92,11 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", type=int, default=0, help="seed of the vLLM engine's sampler (default 0)")
     ev.add_argument("--chunk-size", type=int, default=128, help="prompts per vLLM generate call (default 128)")
     ev.add_argument("--chat-template", action="store_true", help="render prompts with the tokenizer's chat template")
+    ev.add_argument(
+        "--prompt-suffix",
+        default=None,
+        help="appended to every problem (default: the paper's math instruction; as data.prompt_suffix)",
+    )
     ev.add_argument("--dtype", default="auto", help="vLLM dtype: auto, float32, bfloat16, float16 (default auto)")
     ev.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     ev.add_argument("--enforce-eager", action="store_true", help="no torch.compile in vLLM (faster start on CPU)")
@@ -163,6 +171,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         chunk_size=args.chunk_size,
         chat_template=args.chat_template,
+        **({"prompt_suffix": args.prompt_suffix} if args.prompt_suffix is not None else {}),
         dtype=args.dtype,
         device=args.device,
         enforce_eager=args.enforce_eager,

@@ -21,6 +21,7 @@ from speed_async.config.schema import (
     ModelConfig,
     OptimConfig,
     PipelineConfig,
+    RewardConfig,
     RolloutConfig,
     TrainerConfig,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "PipelineConfig",
+    "RewardConfig",
     "RolloutConfig",
     "TrainerConfig",
     "config_from_dict",

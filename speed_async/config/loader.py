@@ -48,6 +48,14 @@ ALIASES: dict[str, str] = {
     "algorithm.adv_estimator": "algorithm.advantage",
 }
 SWITCHES = ("curriculum.enable", "algorithm.filter_groups.enable")
+MAPPINGS = ("reward.functions",)
+"""Keys whose value is a table of str: `reward.functions.<source>` sets one entry (any text after the prefix,
+dots included, is the entry's name); each entry is a key of its own in the layers."""
+
+
+def _mapping_of(key: str) -> str | None:
+    """The mapping key that `key` sets an entry of (`reward.functions.x` -> `reward.functions`), else None."""
+    return next((m for m in MAPPINGS if key.startswith(m + ".") and len(key) > len(m) + 1), None)
 
 
 def field_types() -> dict[str, Any]:
@@ -120,6 +128,12 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"{key} = {value!r} is invalid: expected a list of strings")
         return tuple(value)
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ValueError(f"{key} = {value!r} is invalid: expected a table of strings")
+        return dict(value)
     if origin in (types.UnionType, typing.Union):
         raise AssertionError(f"unsupported annotation for {key}: {hint}")
     if hint is bool:
@@ -229,6 +243,13 @@ def _build(resolved: Mapping[str, tuple[Any, str]]) -> Config:
     types_by_key = field_types()
     sections: dict[str, dict[str, Any]] = {}
     for key, (value, origin) in resolved.items():
+        mapping = _mapping_of(key)
+        if mapping is not None:
+            if not isinstance(value, str):
+                raise ValueError(f"{key} = {value!r} is invalid: expected a string (from {origin})")
+            section, name = mapping.split(".", 1)
+            sections.setdefault(section, {}).setdefault(name, {})[key[len(mapping) + 1 :]] = value
+            continue
         if key not in types_by_key:
             raise _unknown_key_error(key, list(types_by_key), origin)
         section, name = key.split(".", 1)
@@ -252,6 +273,10 @@ def explain_config(path: str | Path | None = None, overrides: Sequence[str] = ()
     config = _build(resolved)
     origins = {key: "default" for key in field_types()}
     origins.update({key: origin for key, (_, origin) in resolved.items()})
+    for mapping in MAPPINGS:
+        entries = [f"{key}: {origin}" for key, (_, origin) in resolved.items() if _mapping_of(key) == mapping]
+        if entries:
+            origins[mapping] = "; ".join(entries)
     return config, origins
 
 
@@ -270,8 +295,10 @@ def _layers(path: str | Path | None, overrides: Sequence[str]) -> list[dict[str,
     command_line: dict[str, tuple[Any, str]] = {}
     for text in overrides:
         key, value = parse_override(text)
-        command_line.pop(key, None)  # the same key twice: the last one counts (and keeps its place)
-        command_line[key] = (value, "command line")
+        entries = _flatten(value, key + ".") if key in MAPPINGS and isinstance(value, Mapping) else {key: value}
+        for entry, entry_value in entries.items():
+            command_line.pop(entry, None)  # the same key twice: the last one counts (and keeps its place)
+            command_line[entry] = (entry_value, "command line")
     return [flat, command_line]
 
 

@@ -6,9 +6,12 @@ Validation that concerns one section lives in that section's `__post_init__`; ru
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+FUNCTION_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+"""What `reward.functions` values look like: ``package.module:function``."""
 INSTRUCTION_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 
@@ -123,6 +126,25 @@ class CurriculumConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    functions: dict[str, str] = field(default_factory=dict)
+    """Reward function per data source, `source = "package.module:function"` ([reward.functions] in TOML,
+    `reward.functions.<source>=module:function` on the command line); sources not named use their builtin
+    function (`countdown`: speed_async.rewards.countdown:score_countdown) or Math-Verify. A function takes
+    (response, ground_truth, extra: the row's other fields) and returns a float, or a dict with `score` and
+    named extra metrics (reward/<source>/<name> in metrics.jsonl). It runs in the reward worker processes under
+    pipeline.reward_timeout_s; raising, a non-number, NaN or infinity, or the time limit score 0 and are
+    counted per source. The launcher imports each one (from the working directory or PYTHONPATH) before
+    anything starts."""
+
+    def __post_init__(self) -> None:
+        for source, path in self.functions.items():
+            key = f"reward.functions.{source}"
+            _require(bool(source.strip()), key, path, "the data source name must not be empty")
+            _require(isinstance(path, str) and bool(FUNCTION_PATH.match(path)), key, path, "expected 'module:function'")
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     advantage: Literal["rloo", "grpo"] = "rloo"
     """Group-relative advantage: RLOO (leave-one-out, no std) or GRPO (std-normalised; the DAPO runs)."""
@@ -134,10 +156,21 @@ class AlgorithmConfig:
     """Dual-clip constant for negative advantages (> 1)."""
     kl_coef: float = 0.0
     """Coefficient of the low-variance (k3) KL to the initial model; 0 disables the reference model."""
-    off_policy_correction: Literal["none", "tis"] = "none"
-    """`tis`: weight each token by min(pi_old / pi_behaviour, tis_cap) using the samplers' log-probs."""
+    off_policy_correction: Literal["none", "tis", "mis", "icepop"] = "none"
+    """Weights of the response tokens from rho = pi_old / pi_behaviour (the samplers' log-probs):
+    `tis`: min(rho, tis_cap) per token; `mis`: per response the geometric mean g of its tokens' rho, weight g
+    when mis_low <= g <= mis_high, else the whole response is masked (0); `icepop`: rho per token when
+    icepop_low <= rho <= icepop_high, else that token is masked. Masked tokens still count in the token mean."""
     tis_cap: float = 2.0
     """Truncation cap C of the TIS weights (>= 1)."""
+    mis_low: float = 0.8
+    """MIS: lower end of the band of the geometric-mean sequence ratio (in (0, 1])."""
+    mis_high: float = 1.25
+    """MIS: upper end of the band of the geometric-mean sequence ratio (>= 1)."""
+    icepop_low: float = 0.5
+    """IcePop: lower end of the per-token ratio band (in (0, 1]; IcePop's paper: 0.5)."""
+    icepop_high: float = 5.0
+    """IcePop: upper end of the per-token ratio band (>= 1; IcePop's paper: 5)."""
     overlong_buffer: int = 0
     """DAPO overlong soft penalty buffer in tokens (paper: 512 of 3072); 0 disables the penalty."""
     mini_batch_size: int = 16
@@ -152,6 +185,10 @@ class AlgorithmConfig:
         _require(self.clip_c > 1, "algorithm.clip_c", self.clip_c, "must be > 1")
         _require(self.kl_coef >= 0, "algorithm.kl_coef", self.kl_coef, "must be >= 0")
         _require(self.tis_cap >= 1, "algorithm.tis_cap", self.tis_cap, "must be >= 1")
+        for band in ("mis", "icepop"):
+            low, high = getattr(self, f"{band}_low"), getattr(self, f"{band}_high")
+            _require(0 < low <= 1, f"algorithm.{band}_low", low, "must be in (0, 1]")
+            _require(high >= 1, f"algorithm.{band}_high", high, "must be >= 1")
         _require(self.overlong_buffer >= 0, "algorithm.overlong_buffer", self.overlong_buffer, "must be >= 0")
         _require(self.mini_batch_size >= 1, "algorithm.mini_batch_size", self.mini_batch_size, "must be >= 1")
         _require(self.micro_batch_tokens >= 1, "algorithm.micro_batch_tokens", self.micro_batch_tokens, ">= 1")
@@ -340,6 +377,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -51,6 +51,8 @@ class PromptWork:
     ground_truth: str
     num_screen: int
     num_continue: int
+    extra: str = "{}"
+    """The row's other fields as JSON, for the reward function."""
     responses: list[Response] = field(default_factory=list)
     stage: Literal["screen", "continue"] = "screen"
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from speed_async.config import DataConfig
+from speed_async.data.records import encode_extra
 from speed_async.data.sources import BadRow, concat_sources, read_prompt_file
 from speed_async.data.templates import OverlongPrompt, PromptEncoder
 
@@ -23,6 +24,8 @@ class Prompt:
     data_source: str
     token_ids: np.ndarray
     ground_truth: str
+    extra: str = "{}"
+    """The row's other fields as JSON (the third argument of a reward function)."""
 
 
 @dataclass
@@ -52,7 +55,8 @@ def prepare_prompts(files: Sequence[str], tokenizer: Any, data: DataConfig) -> P
     for item in overlong:
         log.warning("skipped overlong prompt %s row %d: %d tokens", item.source, item.row, item.num_tokens)
     prompts = [
-        Prompt(record.data_source, np.asarray(ids, dtype=np.int32), record.ground_truth) for record, ids in encoded
+        Prompt(record.data_source, np.asarray(ids, dtype=np.int32), record.ground_truth, encode_extra(record.extra))
+        for record, ids in encoded
     ]
     if not prompts:
         raise ValueError(f"no usable prompts in {list(files)} (skipped {len(skipped)} rows, {len(overlong)} overlong)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,3 +26,9 @@ class PromptRecord:
     source: str = ""
     row: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def encode_extra(extra: Mapping[str, Any]) -> str:
+    """A row's extra fields as the JSON object text that work items carry to the reward functions; values JSON
+    cannot hold become their str()."""
+    return json.dumps(dict(extra), sort_keys=True, default=str)

@@ -7,9 +7,10 @@ Accepted sources (chosen by the name's extension or prefix):
 - ``*.parquet``: VeRL rows with ``data_source`` (string), ``prompt`` (a list of ``{role, content}`` chat
   messages, or a plain string), ``reward_model: {style: "rule", ground_truth: <answer>}`` and the optional
   ``ability`` and ``extra_info`` (kept in ``extra``).
-- ``builtin:arithmetic/<split>``: ``speed_async.data.arithmetic.load_split(split)``, its records as that
-  module makes them (``data_source`` replaced only when given); ``builtin:sums/<split>`` likewise from
-  ``speed_async.data.sums`` (the long-tail task).
+- ``builtin:arithmetic/<split>``, ``builtin:sums/<split>`` (the long-tail task), ``builtin:countdown/<split>``:
+  ``load_split(split)`` of ``speed_async.data.arithmetic`` (train, test, hard), ``speed_async.data.sums`` or
+  ``speed_async.data.countdown`` (train, test), its records as that module makes them (``data_source``
+  replaced only when given).
 
 Answers may be numbers in the files: an int or a finite float becomes its ``str()`` (``7`` -> ``"7"``,
 ``0.5`` -> ``"0.5"``, ``3.0`` -> ``"3.0"``; the reward compares answers mathematically, so ``"3.0"`` still
@@ -34,10 +35,11 @@ from typing import Any, Literal
 from speed_async.data.records import ChatMessages, PromptRecord
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_DATASETS = ("arithmetic", "sums")
+BUILTIN_DATASETS = ("arithmetic", "sums", "countdown")
 FILE_FORMATS = (".jsonl", ".parquet")
 ALLOWED_FORMATS = (
-    "'.jsonl' (problem/answer), '.parquet' (VeRL rows), 'builtin:arithmetic/<split>' or 'builtin:sums/<split>'"
+    "'.jsonl' (problem/answer), '.parquet' (VeRL rows), 'builtin:arithmetic/<train|test|hard>', "
+    "'builtin:sums/<train|test>' or 'builtin:countdown/<train|test>'"
 )
 ROW = "<row>"
 """The field name used when a whole row is unusable (invalid JSON, not an object)."""
@@ -136,7 +138,7 @@ def _read_builtin(name: str, data_source: str | None) -> LoadResult:
     try:
         records = importlib.import_module(f"speed_async.data.{dataset}").load_split(split)
     except ValueError as err:
-        raise DataError(name, str(err)) from None
+        raise DataError(name, f"{err}; allowed: {ALLOWED_FORMATS}") from None
     if data_source is not None:
         records = [replace(record, data_source=data_source) for record in records]
     return LoadResult(records=records, skipped=[])

@@ -237,6 +237,7 @@ class Head:
         record["weight_sync/seconds"] = self.publisher.last_seconds
         record["weight_sync/gbps"] = self.publisher.last_gbps
         record.update(self.dispatcher.state.metrics())
+        record.update(self.dispatcher.source_metrics())
         record.update(self.dispatcher.step_stats)  # the samplers' last reload time
         record.update(self.dispatcher.transport_metrics)  # rejected frames and messages, by kind
         record["samplers/live"] = float(len(self.dispatcher.live_samplers()))

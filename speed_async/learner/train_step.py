@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from speed_async.algorithms import group_advantages, kl_loss, policy_loss, truncated_importance_weights
+from speed_async.algorithms import group_advantages, importance_weights, kl_loss, policy_loss
 from speed_async.config import Config
 from speed_async.curriculum.train_group import TrainGroup
 from speed_async.learner.batch import (
@@ -39,9 +39,10 @@ from speed_async.learner.batch import (
     to_device,
 )
 from speed_async.learner.model import build_optimizer, init_distributed, load_model
+from speed_async.learner.off_policy_metrics import OffPolicyTally
 
 # Local sums reduced over ranks once per RL step, in this order.
-_SUMS = ("loss", "kl", "clipfrac", "entropy", "tis_weight", "behaviour_abs_diff", "response_tokens")
+_SUMS = ("loss", "kl", "clipfrac", "entropy", "behaviour_abs_diff", "response_tokens")
 
 
 def token_logprobs(
@@ -156,8 +157,9 @@ class Learner:
         `step` is the RL step index s (the update produces version s + 1); lag metrics are s - group.version.
         Metrics: loss and kl (mean over optimizer steps of the global token-mean losses), grad_norm (mean
         over optimizer steps, before clipping), lr (of the last optimizer step), clipfrac, entropy and
-        tis_weight_mean and behaviour_logprob_abs_diff (|pi_old - pi_behaviour| log-probs: engine/learner
-        mismatch plus staleness) as global token means, response_tokens, lag_mean, lag_max, and seconds of the
+        is_weight_mean (the off-policy correction's token weights) and behaviour_logprob_abs_diff (|pi_old -
+        pi_behaviour| log-probs: engine/learner mismatch plus staleness) as global token means, the ratio
+        statistics of `OffPolicyTally` (offpolicy/...), response_tokens, lag_mean, lag_max, and seconds of the
         pi_old pass, forward, backward, optimizer and the whole step (rank 0's clock).
         """
         cfg = self.config
@@ -178,6 +180,7 @@ class Learner:
         seconds.update(forward=0.0, backward=0.0, optimizer=0.0)
 
         sums = dict.fromkeys(_SUMS, 0.0)
+        self._tally = OffPolicyTally(self.device, cfg.algorithm.off_policy_correction, cfg.algorithm.tis_cap)
         grad_norms, lr = [], 0.0
         for m, plan in enumerate(plans):
             normalizer = tokens[m]
@@ -207,6 +210,7 @@ class Learner:
         totals = torch.tensor([sums[key] for key in _SUMS], dtype=torch.float64, device=self.device)
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         reduced = dict(zip(_SUMS, totals.tolist(), strict=True))
+        off_policy = self._tally.reduce()
         num_tokens, num_steps = reduced["response_tokens"], len(plans)
         lags = [step - g.version for g in groups]
         seconds["step"] = self._sync_clock() - started
@@ -217,7 +221,7 @@ class Learner:
             "lr": lr,
             "clipfrac": reduced["clipfrac"] / num_tokens,
             "entropy": reduced["entropy"] / num_tokens,
-            "tis_weight_mean": reduced["tis_weight"] / num_tokens,
+            **off_policy,
             "behaviour_logprob_abs_diff": reduced["behaviour_abs_diff"] / num_tokens,
             "response_tokens": num_tokens,
             "lag_mean": sum(lags) / len(lags),
@@ -241,9 +245,16 @@ class Learner:
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
         mask = mb.response_mask
-        is_weights = None
-        if algo.off_policy_correction == "tis":
-            is_weights = truncated_importance_weights(old_logprobs, mb.behaviour_logprobs, algo.tis_cap)
+        is_weights = importance_weights(
+            algo.off_policy_correction,
+            old_logprobs,
+            mb.behaviour_logprobs,
+            mask,
+            tis_cap=algo.tis_cap,
+            mis_band=(algo.mis_low, algo.mis_high),
+            icepop_band=(algo.icepop_low, algo.icepop_high),
+        )
+        self._tally.add(old_logprobs, mb.behaviour_logprobs, mask, is_weights)
         loss, stats = policy_loss(
             logprobs,
             old_logprobs,
@@ -263,7 +274,6 @@ class Learner:
             "kl": kl.detach(),
             "clipfrac": stats["clipfrac"] * num_tokens,
             "entropy": (entropy * mask).sum(),
-            "tis_weight": (is_weights * mask).sum() if is_weights is not None else num_tokens,
             "behaviour_abs_diff": ((old_logprobs - mb.behaviour_logprobs).abs() * mask).sum(),
             "response_tokens": num_tokens,
         }

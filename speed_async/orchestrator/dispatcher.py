@@ -53,6 +53,7 @@ from speed_async.protocol import (
     Hello,
     Message,
     NoWork,
+    RewardStats,
     RolloutGroup,
     ScreenReport,
     Shutdown,
@@ -125,6 +126,10 @@ class Dispatcher:
     def state(self) -> DispatchState[TrainGroup]:
         """The hand-out state (read it from the train loop only for gauges)."""
         return self.books.state
+
+    def source_metrics(self) -> dict[str, float]:
+        """The per-data-source fields of a step record (speed_async.orchestrator.sources); thread-safe."""
+        return self.books.sources.metrics(self.config.curriculum.mode)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -406,10 +411,13 @@ class Dispatcher:
             if self.link.result_sender(msg.sampler_id, version=msg.version, state=msg.state) is not None:
                 self.sampler_times = {**self.sampler_times, msg.sampler_id: msg.times}
             return
-        if not isinstance(msg, ScreenReport | RolloutGroup | GroupDropped | EvalResult):
+        if not isinstance(msg, ScreenReport | RolloutGroup | GroupDropped | EvalResult | RewardStats):
             self.link.counters["unknown_sender"] += 1
             return
         if self.link.result_sender(msg.sampler_id) is None:
+            return
+        if isinstance(msg, RewardStats):  # counts, not progress
+            self.books.on_reward_stats(msg)
             return
         self.progress_at = time.monotonic()
         if isinstance(msg, ScreenReport):

@@ -57,6 +57,7 @@ class EvalBook:
                     ground_truth=p.ground_truth,
                     num_screen=self.samples_per_prompt,
                     num_continue=0,
+                    extra=p.extra,
                 )
                 for i, p in enumerate(self.prompts)
                 if i % len(samplers) == s

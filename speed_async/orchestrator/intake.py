@@ -5,6 +5,7 @@ sockets and hands it each validated result. It keeps the `DispatchState` (what i
 ready) and writes the ledger line for each event: `screened` / `qualified` / `rejected`, `dropped` (a
 group with no reward variance, or one that came back beyond the bound: reason `stale`), `reissued` (a
 prompt a sampler gave back unfinished, or lost), and `trained` once the train loop took the batch of a step.
+Per data source it keeps a `SourceBook` (screening, trained batches, the samplers' reward stats).
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from speed_async.curriculum.dispatch import DispatchState, Key
 from speed_async.curriculum.train_group import TrainGroup
 from speed_async.data.prepare import Prompt
 from speed_async.orchestrator.ledger import Ledger
+from speed_async.orchestrator.sources import SourceBook
 from speed_async.orchestrator.wire import to_train_group, work_items
-from speed_async.protocol import GroupDropped, RolloutGroup, ScreenReport, WorkItem
+from speed_async.protocol import GroupDropped, RewardStats, RolloutGroup, ScreenReport, WorkItem
 
 log = logging.getLogger("speed_async.dispatcher")
+SOURCE_COUNTS = "sources:"
+"""Prefix of the SourceBook's counts among the counters a checkpoint saves."""
 RETURNED = ("aborted", "stale_in_flight", "no_decision")
 """GroupDropped reasons of a prompt a sampler returns unfinished (its requests aborted by a weight update,
 beyond the bound before they finished, or a qualified screen that got no `ContinueDecision` in time): re-issued,
@@ -44,6 +48,7 @@ class TrainingBooks:
             mode=config.curriculum.mode,
         )
         self.counters: Counter[str] = Counter()
+        self.sources = SourceBook(p.data_source for p in prompts)
         self._offered: tuple[int, list[tuple[Key, TrainGroup]]] | None = None  # taken, not yet consumed
 
     # ---- hand-out ----------------------------------------------------------------------------------------
@@ -73,6 +78,7 @@ class TrainingBooks:
         self.ledger.write("screened", msg.prompt_id, msg.epoch, pass_rate=pass_rate, version=msg.version)
         event = "qualified" if msg.qualified else "rejected"
         self.ledger.write(event, msg.prompt_id, msg.epoch, sampler=msg.sampler_id)
+        self.sources.screened(self.prompts[msg.prompt_id].data_source, msg.qualified)
         if decision == "declined":
             reason = "continuation declined"
             self.ledger.write("reissued", msg.prompt_id, msg.epoch, sampler=msg.sampler_id, reason=reason)
@@ -88,6 +94,8 @@ class TrainingBooks:
             self.reissue(key, msg.sampler_id, "bad group")
             return False
         if self.state.on_group(key, to_train_group(msg)):
+            if self.config.curriculum.mode != "speed":
+                self.sources.screened(msg.data_source, True)
             self.counters["responses"] += msg.num_responses
             # Responses whose tokens came from more than one version (weights loaded while they ran).
             self.counters["responses_spanning_versions"] += int((msg.version_max > msg.version_min).sum())
@@ -99,6 +107,10 @@ class TrainingBooks:
             self.reissue(key, msg.sampler_id, msg.reason)
         elif self.state.on_dropped(key):
             self.ledger.write("dropped", msg.prompt_id, msg.epoch, reason=msg.reason, version=msg.version)
+            self.sources.screened(self.prompts[msg.prompt_id].data_source, False)
+
+    def on_reward_stats(self, msg: RewardStats) -> None:
+        self.sources.on_reward_stats(msg)
 
     def reissue(self, key: Key, sampler_id: int, reason: str) -> None:
         """Hand the in-flight prompt `key` out again first (ledger `reissued`); nothing if it is not in flight."""
@@ -128,6 +140,7 @@ class TrainingBooks:
         assert self._offered is not None and self._offered[0] == step, (self._offered, step)
         for (epoch, pid), group in self._offered[1]:
             self.ledger.write("trained", pid, epoch, step=step, lag=step - group.version, version=group.version)
+        self.sources.trained([g for _, g in self._offered[1]])
         self._offered = None
 
     def cancel(self, step: int) -> None:
@@ -142,7 +155,7 @@ class TrainingBooks:
         return {
             "dispatch": self.state.state_dict(),
             "ready": [g for _, g in self.state.ready],
-            "counters": dict(self.counters),
+            "counters": {**self.counters, **{SOURCE_COUNTS + k: v for k, v in self.sources.counts.items()}},
             "ledger_offset": self.ledger.offset(),
         }
 
@@ -152,7 +165,10 @@ class TrainingBooks:
         if [list(k) for k, _ in keyed] != [list(k) for k in dispatch["ready_keys"]]:
             raise ValueError("checkpoint is inconsistent: the saved ready groups do not match the saved ready keys")
         self.state.load_state_dict(dispatch, keyed)
-        self.counters = Counter(counters)
+        self.counters = Counter({k: v for k, v in counters.items() if not k.startswith(SOURCE_COUNTS)})
+        self.sources.counts = Counter(
+            {k.removeprefix(SOURCE_COUNTS): v for k, v in counters.items() if k.startswith(SOURCE_COUNTS)}
+        )
         for epoch, pid in self.state.reissue:
             self.ledger.write("reissued", pid, epoch, reason="resume")
         return list(self.state.reissue)

@@ -41,6 +41,7 @@ def work_items(prompts: Sequence[Prompt], keys: Sequence[Key], config: Config) -
             ground_truth=prompts[pid].ground_truth,
             num_screen=rollout.n,
             num_continue=rollout.n_continue if speed else 0,
+            extra=prompts[pid].extra,
         )
         for epoch, pid in keys
     ]

@@ -8,7 +8,7 @@ Who sends what:
             ContinueDecision, JoinSyncGroup,
             UpdateWeights, EvalAssignment, Shutdown--
   sampler --ScreenReport, RolloutGroup,             learner      (PUSH -> PULL)
-            GroupDropped, EvalResult,
+            GroupDropped, EvalResult, RewardStats,
             Heartbeat (its heartbeat thread)-->
 ```
 Ids, epochs, versions and generations are ints >= 0. Version v = the weights after v RL steps.
@@ -55,7 +55,8 @@ class WorkItem(Record):
     """One prompt to generate for (nested in ``WorkAssignment``, never sent alone).
 
     ``num_screen`` samples are drawn first; if the prompt qualifies, ``num_continue`` more follow
-    (``num_continue == 0``: a plain group of ``num_screen`` responses, no screening).
+    (``num_continue == 0``: a plain group of ``num_screen`` responses, no screening). ``extra`` is the row's
+    other fields as a JSON object (the third argument of a reward function, speed_async.rewards.functions).
     """
 
     prompt_id: NonNegInt
@@ -65,6 +66,7 @@ class WorkItem(Record):
     ground_truth: Text
     num_screen: PosInt
     num_continue: NonNegInt
+    extra: Text = "{}"
 
 
 class WorkAssignment(Message, tag="work_assignment"):
@@ -194,6 +196,38 @@ class GroupDropped(Message, tag="group_dropped"):
     version: NonNegInt
     reason: Text
     rewards: Rewards
+
+
+class RewardStats(Message, tag="reward_stats"):
+    """What a sampler's reward workers made of one data source's training responses since its previous
+    RewardStats for that source: responses scored, failures by kind (the reward function raised, returned no
+    valid result, ran past the time limit: each scored 0), and per metric its sum over the responses that
+    returned it and their count. Metric "score" (sum of the scores, counted over every response) is always
+    there; the others are the reward function's extra metrics."""
+
+    sampler_id: NonNegInt
+    data_source: Text
+    responses: NonNegInt
+    failed_error: NonNegInt
+    failed_invalid: NonNegInt
+    failed_timeout: NonNegInt
+    metric_names: Annotated[list[str], StrList()]
+    metric_sums: Annotated[np.ndarray, Array("<f4", finite=True)]
+    metric_counts: Annotated[np.ndarray, Array("<i4", ge=0)]
+
+    def _check_consistency(self) -> None:
+        for name in ("metric_sums", "metric_counts"):
+            if len(getattr(self, name)) != len(self.metric_names):
+                self._bad(name, f"length {len(getattr(self, name))} != number of metric names {len(self.metric_names)}")
+        if len(set(self.metric_names)) != len(self.metric_names):
+            self._bad("metric_names", "names repeat")
+        if "score" not in self.metric_names:
+            self._bad("metric_names", "no 'score'")
+        elif int(self.metric_counts[self.metric_names.index("score")]) != self.responses:
+            self._bad("metric_counts", f"the count of 'score' is not responses = {self.responses}")
+        failed = self.failed_error + self.failed_invalid + self.failed_timeout
+        if failed > self.responses:
+            self._bad("responses", f"{self.responses} < failures {failed}")
 
 
 class JoinSyncGroup(Message, tag="join_sync_group"):

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar, dataclass_transform, get_type_hints
 
 import numpy as np
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Version of the wire format and of every message schema; a frame with another version is rejected."""
 
 REASONS = frozenset({"oversized", "malformed", "unknown_type", "bad_version", "bad_field", "bad_mac", "missing_mac"})

@@ -1,12 +1,13 @@
 """Reward scoring with a real per-item time limit: a small pool of persistent worker processes.
 
 ```
-  parent (submit / poll, score_batch)                  worker i (spawned; main thread scores)
+  parent (submit / poll, score_batch)                  worker i (spawned; main thread scores, worker.py)
   ------------------------------------------------     ----------------------------------------
-  start: spawn, wait for ("ready",)  <= startup_timeout_s  <- resolve score_fn, score one warm-up item,
+  start: spawn, wait for ("ready",)  <= startup_timeout_s  <- resolve every function, warm up the default,
                                                                send ("ready",)
-  loop:  send (response, ground_truth) to an idle worker    -> score_fn(...) in the main thread
-         wait(connections, until the earliest deadline)     <- ("ok", score) | ("error", message)
+  loop:  send (function, response, truth, extra) to an      -> the data source's function in the main thread
+         idle worker
+         wait(connections, until the earliest deadline)     <- ("ok", score, metrics) | ("fail", kind, text)
          no answer within timeout_s: SIGKILL, spawn a replacement, item scores 0.0
   close: send None, join (then SIGKILL)                     -> exit; also exits on EOF or when
                                                                its parent process is gone
@@ -15,7 +16,10 @@
 `submit` queues items and returns tickets at once; `poll` hands back the scores finished so far (the sampler
 scores responses while its engine generates); `score_batch` is submit-and-wait. Each worker holds at most one
 item, so the time limit is exact per item. Items longer than
-``max_chars`` score 0.0 without being sent. Workers are started with the "spawn" context: the parent
+``max_chars`` score 0.0 without being sent. An item's data source picks its function (`functions`, else the
+default `score_fn`); a function that raises, returns no valid result (`speed_async.rewards.functions`) or runs
+past the limit scores 0.0 and is counted per source (`take_source_stats`), the first failure of each kind per
+source logged with its traceback. Workers are started with the "spawn" context: the parent
 may hold threads and ZeroMQ sockets, which must not be forked. Spawn re-imports the parent's
 ``__main__`` module in each worker, so entry points keep heavy work behind
 ``if __name__ == "__main__":``.
@@ -23,70 +27,27 @@ may hold threads and ZeroMQ sockets, which must not be forked. Spawn re-imports 
 
 import atexit
 import contextlib
-import importlib
 import logging
 import multiprocessing
 import os
-import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Self
 
+from speed_async.rewards.functions import FAILURE_KINDS
+from speed_async.rewards.stats import RewardItem, SourceStats
+from speed_async.rewards.worker import worker_main
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCORE_FN = "speed_async.rewards.math_verify_reward:score_math"
-_ORPHAN_POLL_S = 0.5
 _JOIN_TIMEOUT_S = 2.0
-
-
-def _resolve_score_fn(path: str) -> Callable[[str, str], float]:
-    """Import ``"package.module:function"`` and return the function."""
-    module_name, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
-
-
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """Kill this worker once its parent is gone, even while the main thread is stuck in a score_fn."""
-    while os.getppid() == parent_pid:
-        time.sleep(_ORPHAN_POLL_S)
-    os._exit(0)
-
-
-def _worker_main(conn: Connection, score_fn_path: str, parent_pid: int, cpus: frozenset[int] | None) -> None:
-    """Worker process: resolve the scoring function once, then score items until None or EOF (on `cpus`, when
-    given, instead of the parent's cores)."""
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    # The parent owns the worker's lifetime: a Ctrl-C in the terminal must not kill workers mid-item.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
-    try:
-        score_fn = _resolve_score_fn(score_fn_path)
-        # Warm up: Math-Verify builds its parsers on the first call, which can take seconds on a loaded machine
-        # and then runs into its own time limit (scoring a correct answer 0.0). Inside startup_timeout_s.
-        score_fn("\\boxed{1}", "1")
-    except Exception as exc:
-        conn.send(("startup_error", f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(("ready",))
-    while True:
-        try:
-            item = conn.recv()
-        except EOFError:
-            return
-        if item is None:
-            return
-        try:
-            reply = ("ok", float(score_fn(*item)))
-        except Exception as exc:
-            reply = ("error", f"{type(exc).__name__}: {exc}")
-        conn.send(reply)
 
 
 @dataclass
@@ -99,6 +60,7 @@ class _Worker:
     deadline: float
     ready: bool = False
     ticket: int | None = None  # ticket of the item in flight, if any
+    item: RewardItem | None = None  # the item in flight, if any
 
     def name(self) -> str:
         return f"reward worker {self.slot} (pid {self.process.pid})"
@@ -112,10 +74,16 @@ class WorkerStartupError(RuntimeError):
     """A reward worker failed to start (import error, early exit, or no ready message in time)."""
 
 
-def _check_item(index: int, item: object) -> None:
-    """Raise ValueError unless ``item`` is a ``(response, ground_truth)`` tuple of two str."""
+def _as_item(index: int, item: object) -> RewardItem:
+    """``item`` as a RewardItem (a ``(response, ground_truth)`` tuple of two str is one with no data source);
+    ValueError naming its index otherwise."""
+    if isinstance(item, RewardItem):
+        return item
     if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
-        raise ValueError(f"items[{index}] must be a (response, ground_truth) tuple of two str, got {item!r:.100}")
+        raise ValueError(
+            f"items[{index}] must be a RewardItem or a (response, ground_truth) tuple of two str, got {item!r:.100}"
+        )
+    return RewardItem(item[0], item[1])
 
 
 class RewardPool:
@@ -127,15 +95,20 @@ class RewardPool:
             replaced, and the item scores 0.0.
         max_chars: responses longer than this score 0.0 without being parsed.
         score_fn: ``"package.module:function"`` of a ``(response, ground_truth) -> float`` function,
-            imported once in each worker (default: Math-Verify, :func:`score_math`).
-        startup_timeout_s: limit for a worker to import ``score_fn`` and report ready; past it, or if a
-            worker cannot import ``score_fn``, :class:`WorkerStartupError` names the worker.
+            imported once in each worker (default: Math-Verify, :func:`score_math`), for items whose data
+            source `functions` does not name.
+        functions: data source -> ``"package.module:function"`` of a ``(response, ground_truth, extra)``
+            function returning a float or a dict with ``score`` and extra metrics (see
+            `speed_async.rewards.functions`).
+        startup_timeout_s: limit for a worker to import its functions and report ready; past it, or if a
+            worker cannot import one, :class:`WorkerStartupError` names the worker (and the function).
         cpus: cores the workers run on (default: the caller's).
 
     Stats (:meth:`stats`): every item lands in exactly one of "scored" (answered by a worker),
-    "timeouts", "too_long" or "errors" (score_fn raised, or the worker died); "worker_restarts" counts
-    replacement workers. Methods are serialised by a lock; use the pool as a context manager or call
-    :meth:`close`.
+    "timeouts", "too_long", "errors" (the function raised, or the worker died) or "invalid" (no valid result);
+    "worker_restarts" counts replacement workers. Per data source (:meth:`take_source_stats`, items with
+    ``counted``): responses, score sum, failures by kind, sums of the functions' extra metrics. Methods are
+    serialised by a lock; use the pool as a context manager or call :meth:`close`.
     """
 
     def __init__(
@@ -146,6 +119,7 @@ class RewardPool:
         score_fn: str = DEFAULT_SCORE_FN,
         startup_timeout_s: float = 60.0,
         cpus: set[int] | None = None,
+        functions: Mapping[str, str] | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers={num_workers} is invalid: allowed >= 1")
@@ -155,21 +129,25 @@ class RewardPool:
             raise ValueError(f"max_chars={max_chars} is invalid: allowed >= 1")
         if not startup_timeout_s > 0:
             raise ValueError(f"startup_timeout_s={startup_timeout_s} is invalid: allowed > 0")
-        module_name, colon, attr = score_fn.partition(":")
-        if not (module_name and colon and attr):
-            raise ValueError(f"score_fn={score_fn!r} is invalid: allowed 'package.module:function'")
+        for name, path in (("score_fn", score_fn), *((f"functions[{k!r}]", v) for k, v in (functions or {}).items())):
+            module_name, colon, attr = path.partition(":")
+            if not (module_name and colon and attr):
+                raise ValueError(f"{name}={path!r} is invalid: allowed 'package.module:function'")
         self.num_workers = num_workers
         self.timeout_s = timeout_s
         self.max_chars = max_chars
         self.score_fn = score_fn
+        self.functions = dict(functions or {})
         self.startup_timeout_s = startup_timeout_s
         self.cpus = frozenset(cpus) if cpus else None
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._closed = False
-        self._stats = dict.fromkeys(("scored", "timeouts", "too_long", "errors", "worker_restarts"), 0)
+        self._stats = dict.fromkeys(("scored", "timeouts", "too_long", "errors", "invalid", "worker_restarts"), 0)
+        self._sources: dict[str, SourceStats] = {}
+        self._logged: set[tuple[str, str]] = set()  # (data source, failure kind) already logged
         self._workers: list[_Worker] = []
-        self._pending: deque[tuple[int, tuple[str, str]]] = deque()
+        self._pending: deque[tuple[int, RewardItem]] = deque()
         self._done: dict[int, float] = {}
         self._next_ticket = 0
         try:
@@ -181,15 +159,15 @@ class RewardPool:
             self._shutdown()
             raise
 
-    def submit(self, items: Sequence[tuple[str, str]]) -> list[int]:
-        """Queue ``(response, ground_truth)`` pairs for scoring without waiting; returns one ticket per item.
+    def submit(self, items: Sequence[RewardItem | tuple[str, str]]) -> list[int]:
+        """Queue items (RewardItems, or ``(response, ground_truth)`` pairs) for scoring without waiting; returns
+        one ticket per item.
 
         Scores come back from :meth:`poll` (or :meth:`take`) keyed by ticket. Raises ValueError naming the
-        index of an item that is not a tuple of two str (nothing of the call is queued then), RuntimeError
-        if the pool is closed.
+        index of an item that is neither (nothing of the call is queued then), RuntimeError if the pool is
+        closed.
         """
-        for index, item in enumerate(items):
-            _check_item(index, item)
+        items = [_as_item(index, item) for index, item in enumerate(items)]
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardPool.submit called after close()")
@@ -198,7 +176,7 @@ class RewardPool:
                 ticket = self._next_ticket
                 self._next_ticket += 1
                 tickets.append(ticket)
-                if len(item[0]) > self.max_chars:
+                if len(item.response) > self.max_chars:
                     self._stats["too_long"] += 1
                     self._done[ticket] = 0.0
                 else:
@@ -228,11 +206,12 @@ class RewardPool:
                 self._guarded(lambda: self._pump(None))  # waits: some of `tickets` are still being scored
             return [self._done.pop(t) for t in tickets]
 
-    def score_batch(self, items: Sequence[tuple[str, str]]) -> list[float]:
-        """Score ``(response, ground_truth)`` pairs in parallel and wait; scores come back in input order.
+    def score_batch(self, items: Sequence[RewardItem | tuple[str, str]]) -> list[float]:
+        """Score items (RewardItems or ``(response, ground_truth)`` pairs) in parallel and wait; scores come back
+        in input order.
 
         Raises:
-            ValueError: if an item is not a tuple of two str (names its index).
+            ValueError: if an item is neither (names its index).
             RuntimeError: if the pool is closed.
             WorkerStartupError: if a replacement worker fails to start. Replacements (after a timeout or
                 a crash) start in the background, so the call that next waits on one raises this.
@@ -280,9 +259,38 @@ class RewardPool:
             self._dispatch()
 
     def stats(self) -> dict[str, int]:
-        """Counters since creation: scored, timeouts, too_long, errors, worker_restarts."""
+        """Counters since creation: scored, timeouts, too_long, errors, invalid, worker_restarts."""
         with self._lock:
             return dict(self._stats)
+
+    def take_source_stats(self) -> dict[str, SourceStats]:
+        """Per data source, what was scored of the ``counted`` items since the previous call (then reset)."""
+        with self._lock:
+            taken, self._sources = self._sources, {}
+            return taken
+
+    def _source(self, item: RewardItem) -> SourceStats | None:
+        return self._sources.setdefault(item.data_source, SourceStats()) if item.counted else None
+
+    def _failed(self, worker: _Worker, kind: str, text: str) -> None:
+        """The item in `worker` failed (`kind`): it scores 0.0, counted; the first of its source and kind logged."""
+        assert worker.ticket is not None and worker.item is not None and kind in FAILURE_KINDS
+        item = worker.item
+        self._done[worker.ticket] = 0.0
+        self._stats["timeouts" if kind == "timeout" else "errors" if kind == "error" else "invalid"] += 1
+        stats = self._source(item)
+        if stats is not None:
+            stats.fail(kind)
+        function = self.functions.get(item.data_source, self.score_fn)
+        if (item.data_source, kind) not in self._logged:
+            self._logged.add((item.data_source, kind))
+            logger.warning(
+                "%s: %s for data source %r (item %d; it scores 0, later ones of this kind and source are only "
+                "counted): %s", worker.name(), {"error": f"{function} raised", "invalid": f"{function} returned no "
+                "valid result", "timeout": f"{function} ran past timeout_s={self.timeout_s}"}[kind],
+                item.data_source, worker.ticket, text.rstrip(),
+            )  # fmt: skip
+        worker.ticket, worker.item = None, None
 
     @property
     def closed(self) -> bool:
@@ -328,8 +336,8 @@ class RewardPool:
     def _spawn(self, slot: int) -> _Worker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
-            target=_worker_main,
-            args=(child_conn, self.score_fn, os.getpid(), self.cpus),
+            target=worker_main,
+            args=(child_conn, self.score_fn, tuple(sorted(set(self.functions.values()))), os.getpid(), self.cpus),
             name=f"reward-worker-{slot}",
             daemon=True,
         )
@@ -350,15 +358,16 @@ class RewardPool:
 
     def _send(self, worker: _Worker) -> None:
         ticket, item = self._pending.popleft()
+        path = self.functions.get(item.data_source, "")
         try:
-            worker.conn.send(item)
+            worker.conn.send((path, item.response, item.ground_truth, item.extra))
         except OSError:
             # The worker died while idle: no item was lost; retry this one on its replacement.
             logger.warning("%s died while idle; replacing it", worker.name())
             self._pending.appendleft((ticket, item))
             self._replace(worker)
             return
-        worker.ticket = ticket
+        worker.ticket, worker.item = ticket, item
         worker.deadline = time.monotonic() + self.timeout_s
 
     def _wait_once(self, timeout_s: float | None) -> None:
@@ -386,10 +395,7 @@ class RewardPool:
                 raise WorkerStartupError(
                     f"{worker.name()} exited during startup (exit code {worker.process.exitcode})"
                 ) from None
-            assert worker.ticket is not None
-            logger.warning("%s died while scoring item %d; replacing it", worker.name(), worker.ticket)
-            self._stats["errors"] += 1
-            self._done[worker.ticket] = 0.0
+            self._failed(worker, "error", f"the worker died (exit code {worker.process.exitcode}); replacing it")
             self._replace(worker)
             return
         kind = message[0]
@@ -397,35 +403,28 @@ class RewardPool:
             worker.ready = True
         elif kind == "startup_error":
             self._stop(worker)
-            raise WorkerStartupError(f"{worker.name()} could not load score_fn={self.score_fn!r}: {message[1]}")
+            raise WorkerStartupError(f"{worker.name()} could not load a scoring function: {message[1]}")
         elif kind == "ok":
-            assert worker.ticket is not None
-            self._done[worker.ticket] = message[1]
+            assert worker.ticket is not None and worker.item is not None
+            _, score, metrics = message
+            self._done[worker.ticket] = score
             self._stats["scored"] += 1
-            worker.ticket = None
+            stats = self._source(worker.item)
+            if stats is not None:
+                stats.add(score, metrics)
+            worker.ticket, worker.item = None, None
         else:
-            assert kind == "error" and worker.ticket is not None, message
-            logger.warning("%s: score_fn raised on item %d: %s", worker.name(), worker.ticket, message[1])
-            self._stats["errors"] += 1
-            self._done[worker.ticket] = 0.0
-            worker.ticket = None
+            assert kind == "fail" and worker.ticket is not None, message
+            self._failed(worker, message[1], message[2])
 
     def _on_deadline(self, worker: _Worker) -> None:
         if not worker.ready:
             self._stop(worker)
             raise WorkerStartupError(
                 f"{worker.name()} did not report ready within startup_timeout_s={self.startup_timeout_s} s "
-                f"(importing score_fn={self.score_fn!r})"
+                f"(importing score_fn={self.score_fn!r} and {sorted(set(self.functions.values()))})"
             )
-        assert worker.ticket is not None
-        logger.warning(
-            "%s: no score for item %d within timeout_s=%s; killing and replacing it",
-            worker.name(),
-            worker.ticket,
-            self.timeout_s,
-        )
-        self._done[worker.ticket] = 0.0
-        self._stats["timeouts"] += 1
+        self._failed(worker, "timeout", "no score in time; the worker is killed and replaced")
         self._replace(worker)
 
 
@@ -448,6 +447,6 @@ def math_reward(response: str, ground_truth: str) -> float:
     return _get_default_pool().score_batch([(response, ground_truth)])[0]
 
 
-def score_batch(items: Sequence[tuple[str, str]]) -> list[float]:
+def score_batch(items: Sequence[RewardItem | tuple[str, str]]) -> list[float]:
     """Score ``(response, ground_truth)`` pairs with Math-Verify on the default single-worker pool."""
     return _get_default_pool().score_batch(items)

@@ -63,7 +63,13 @@ from speed_async.sampler.heartbeat import HeartbeatThread
 from speed_async.sampler.inflight import RequestBook, Stage
 from speed_async.sampler.scoring import Scorer
 from speed_async.sampler.sync import LearnerUnresponsive, WeightSync
-from speed_async.sampler.wire import dropped_message, eval_result_message, outcome_message, work_from_item
+from speed_async.sampler.wire import (
+    dropped_message,
+    eval_result_message,
+    outcome_message,
+    reward_stats_messages,
+    work_from_item,
+)
 from speed_async.transport import Context, DealerSocket, PushSocket, TransportTimeout
 
 __all__ = ["LearnerUnresponsive", "SamplerEndpoints", "SamplerLoop"]
@@ -71,6 +77,8 @@ __all__ = ["LearnerUnresponsive", "SamplerEndpoints", "SamplerLoop"]
 log = logging.getLogger("speed_async.sampler")
 HEARTBEAT_EVERY_S = 2.0
 """How often the main loop also beats on the work channel (the learner answers a sampler it lost with Rejoin)."""
+REWARD_STATS_EVERY_S = 1.0
+"""How often the sampler sends the learner what its reward workers counted per data source (RewardStats)."""
 IDLE_WAIT_S = 0.02
 """With nothing to run, how long one turn waits for a message or a score."""
 BOUND_REASONS = ("staleness bound", "waiting for weights")
@@ -149,6 +157,7 @@ class SamplerLoop:
         self.retry_at = 0.0
         self.bound_wait = False  # the last NoWork said: newer weights first
         self.last_heartbeat = 0.0
+        self.last_reward_stats = 0.0
         self.stopping: str | None = None
         self.counters = dict.fromkeys(
             ("generated_tokens", "requests", "aborted_requests", "returned_prompts", "engine_steps", "sequence_steps"),
@@ -339,6 +348,11 @@ class SamplerLoop:
                 if isinstance(msg, ScreenReport) and msg.qualified:
                     self.decision_due[stage.work.key] = time.monotonic() + self.config.pipeline.request_timeout_s
             if msg is not None:
+                self._emit(msg)
+        now = time.monotonic()
+        if now - self.last_reward_stats >= REWARD_STATS_EVERY_S:
+            self.last_reward_stats = now
+            for msg in reward_stats_messages(self.sampler_id, self.scorer.take_stats()):
                 self._emit(msg)
 
     def _expire_decisions(self) -> None:

@@ -1,10 +1,12 @@
 """Scoring beside generation: finished samples go to the reward workers, scored responses come back later.
 
 The engine hands over each sample as it finishes; `Scorer.submit` decodes it and passes it to the reward pool
-(`speed_async.rewards.RewardPool`, worker processes) without waiting. `Scorer.collect` takes the scores that
+(`speed_async.rewards.RewardPool`, worker processes: the data source's reward function, reward.functions or
+builtin, else Math-Verify) without waiting. `Scorer.collect` takes the scores that
 came back so far (the sampler calls it after every engine step) and returns each as a `Response` carrying its
 reward (score + DAPO overlong penalty) and the versions of the weights that generated it. So the engine never
-waits for a score: scoring runs on other cores while the next engine steps run.
+waits for a score: scoring runs on other cores while the next engine steps run. `Scorer.take_stats` hands
+over what the pool counted per data source of the training samples (evaluation samples are not counted).
 
 A pump thread keeps the reward workers busy: the pool hands a worker its next item only inside `poll`, and
 the main loop polls once per engine step, so a worker would idle from the moment it finished an item until the
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from speed_async.config import Config
 from speed_async.curriculum.groups import Response
-from speed_async.rewards import RewardPool, overlong_penalty
+from speed_async.rewards import RewardItem, RewardPool, SourceStats, effective_functions, overlong_penalty
 from speed_async.sampler.inflight import Stage
 
 PUMP_WAIT_S = 0.005
@@ -44,7 +46,10 @@ class Scorer:
 
     def __init__(self, config: Config, tokenizer: object, *, cpus: set[int] | None = None) -> None:
         self.pool = RewardPool(
-            num_workers=config.pipeline.reward_workers, timeout_s=config.pipeline.reward_timeout_s, cpus=cpus
+            num_workers=config.pipeline.reward_workers,
+            timeout_s=config.pipeline.reward_timeout_s,
+            cpus=cpus,
+            functions=effective_functions(config.reward.functions),
         )
         self.tokenizer = tokenizer
         self.buffer = config.algorithm.overlong_buffer
@@ -65,7 +70,13 @@ class Scorer:
     def submit(self, finished: list[tuple[Stage, int, object, int, int]]) -> None:
         """Queue (stage, sample index, completion, version at submission, version at finish) for scoring."""
         items = [
-            (self.tokenizer.decode(c.token_ids, skip_special_tokens=True), stage.work.ground_truth)
+            RewardItem(
+                self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                stage.work.ground_truth,
+                stage.work.data_source,
+                stage.work.extra,
+                counted=not stage.is_eval,
+            )
             for stage, _, c, _, _ in finished
         ]
         for ticket, owner in zip(self.pool.submit(items), finished, strict=True):
@@ -122,6 +133,10 @@ class Scorer:
             )
             out.append((owner.stage, owner.index, response))
         return out
+
+    def take_stats(self) -> dict[str, SourceStats]:
+        """Per data source, the training samples scored since the previous call (see RewardPool)."""
+        return self.pool.take_source_stats()
 
     def forget(self) -> None:
         """Drop every pending sample (their late scores are ignored)."""

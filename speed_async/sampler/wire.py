@@ -1,11 +1,13 @@
-"""Between the wire and the sampler's work: WorkItem in; ScreenReport, RolloutGroup, GroupDropped, EvalResult out."""
+"""Between the wire and the sampler's work: WorkItem in; ScreenReport, RolloutGroup, GroupDropped, EvalResult,
+RewardStats out."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from speed_async.curriculum.groups import CompletedGroup, DroppedGroup, Outcome, PromptWork, Response, ScreenOutcome
-from speed_async.protocol import EvalResult, GroupDropped, Message, RolloutGroup, ScreenReport
+from speed_async.protocol import EvalResult, GroupDropped, Message, RewardStats, RolloutGroup, ScreenReport
+from speed_async.rewards import SourceStats
 
 
 def work_from_item(item: object) -> PromptWork:
@@ -18,6 +20,7 @@ def work_from_item(item: object) -> PromptWork:
         ground_truth=item.ground_truth,
         num_screen=item.num_screen,
         num_continue=item.num_continue,
+        extra=item.extra,
     )
 
 
@@ -88,3 +91,26 @@ def eval_result_message(
         response_lengths=np.array([len(r.token_ids) for r in responses], dtype=np.int32),
         seconds=seconds,
     )
+
+
+def reward_stats_messages(sampler_id: int, stats: dict[str, SourceStats]) -> list[RewardStats]:
+    """One RewardStats per data source of `stats` that scored anything."""
+    out = []
+    for source, entry in sorted(stats.items()):
+        if not entry.responses:
+            continue
+        names = ["score", *sorted(entry.metric_sums)]
+        out.append(
+            RewardStats(
+                sampler_id=sampler_id,
+                data_source=source,
+                responses=entry.responses,
+                failed_error=entry.failed["error"],
+                failed_invalid=entry.failed["invalid"],
+                failed_timeout=entry.failed["timeout"],
+                metric_names=names,
+                metric_sums=np.array([entry.score_sum, *(entry.metric_sums[n] for n in names[1:])], dtype="<f4"),
+                metric_counts=np.array([entry.responses, *(entry.metric_counts[n] for n in names[1:])], dtype="<i4"),
+            )
+        )
+    return out

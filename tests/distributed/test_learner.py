@@ -296,7 +296,7 @@ def test_loss_is_one_global_token_mean(one_rank: list[dict[str, Any]], two_ranks
         hand = result["hand"]
         assert hand["loss"] == pytest.approx(HAND_LOSS, abs=1e-6)
         assert hand["response_tokens"] == 12
-        assert hand["tis_weight_mean"] == 1.0 and hand["kl"] == 0.0
+        assert hand["is_weight_mean"] == 1.0 and hand["kl"] == 0.0
         assert hand["lr"] == pytest.approx(0.5e-3)  # first optimizer step of a 2-step warm-up: (0 + 1) / 2
 
 
@@ -340,10 +340,15 @@ def test_compute_logprobs_matches_a_plain_forward(
 def test_two_ranks_take_the_same_update(one_rank: list[dict[str, Any]], two_ranks: list[dict[str, Any]]) -> None:
     single, dual = one_rank[0], two_ranks[0]
     # grad_norm is scale-sensitive where AdamW is not: it catches an averaged (halved) gradient.
-    for key in ("loss", "kl", "grad_norm", "clipfrac", "entropy", "tis_weight_mean", "response_tokens"):
+    # The off-policy statistics add up over micro-batches and ranks (quantiles from one reduced histogram).
+    off_policy = ("offpolicy/ratio_p1", "offpolicy/ratio_p50", "offpolicy/ratio_p99", "offpolicy/log_ratio_mean")
+    for key in ("loss", "kl", "grad_norm", "clipfrac", "entropy", "is_weight_mean", "response_tokens", *off_policy):
         assert dual["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-7), key
+    m = single["metrics"]
+    assert 0 < m["offpolicy/ratio_p1"] <= m["offpolicy/ratio_p50"] <= m["offpolicy/ratio_p99"]
+    assert m["offpolicy/kl_k3"] >= 0 and 0 <= m["offpolicy/masked_frac"] <= 1  # TIS: the share at the cap
     assert single["metrics"]["kl"] > 0  # the second mini-batch sees weights that moved away from the reference
-    assert 0 < single["metrics"]["tis_weight_mean"] < 2
+    assert 0 < single["metrics"]["is_weight_mean"] < 2
     assert single["metrics"]["lag_max"] == 1.0
     pairs = zip(single["state_after"], single["state_before"], strict=True)
     moved = max((a - b).abs().max().item() for (_, a), (_, b) in pairs)
@@ -365,7 +370,7 @@ def test_pi_old_from_the_training_forward_changes_nothing(
 ) -> None:
     # Mini-batch 0 trains on the weights of version `step`, so pi_old is its own forward: the loss, the TIS
     # weights, every metric and the update equal those of the step that ran a separate no-grad pass for it.
-    keys = ("loss", "kl", "grad_norm", "clipfrac", "entropy", "tis_weight_mean", "behaviour_logprob_abs_diff")
+    keys = ("loss", "kl", "grad_norm", "clipfrac", "entropy", "is_weight_mean", "behaviour_logprob_abs_diff")
     for result in one_rank + two_ranks:
         fused, separate = result["metrics"], result["separate_metrics"]
         for key in keys:

@@ -11,13 +11,19 @@ from speed_async.algorithms import (
     broadcast_to_tokens,
     group_advantages,
     grpo_advantages,
+    histogram_quantiles,
+    importance_weights,
     kl_loss,
+    log_ratio_histogram,
     low_var_kl,
     masked_mean,
     policy_loss,
     rloo_advantages,
+    sequence_masked_weights,
+    token_masked_weights,
     truncated_importance_weights,
 )
+from speed_async.algorithms.off_policy import HISTOGRAM_BIN, NUM_BINS
 
 
 def close(actual: torch.Tensor, expected: list | float, atol: float = 1e-6) -> None:
@@ -300,3 +306,87 @@ def test_truncated_importance_weights() -> None:
         truncated_importance_weights(old, behaviour, cap=0.9)
     with pytest.raises(ValueError, match=r"behaviour_logprobs has shape \(4,\) but old_logprobs has shape"):
         truncated_importance_weights(old, torch.zeros(4), cap=2.0)
+
+
+# ---------------------------------------------------------------------------------------------- MIS, IcePop
+
+
+def test_sequence_masked_weights_use_the_geometric_mean_and_mask_whole_responses() -> None:
+    # log rho per token (old - behaviour), band [0.8, 1.25]:
+    # row 0: 0.1, -0.1, 0.3 (and padding 5.0): mean 0.3/3 = 0.1, g = e^0.1 = 1.10517 -> kept, every token 1.10517.
+    # row 1: 0.4, 0.4 (padding 0, 0): mean 0.4, g = e^0.4 = 1.49182 > 1.25 -> the whole response masked (0).
+    # row 2: -0.3, -0.2 (padding): mean -0.25, g = e^-0.25 = 0.77880 < 0.8 -> masked.
+    # row 3: padding only: g = e^0 = 1 (inside the band; the loss mask removes it anyway).
+    # A single token of ratio e^0.3 = 1.35 (outside the band) does not mask row 0: the mean does.
+    log_rho = torch.tensor([[0.1, -0.1, 0.3, 5.0], [0.4, 0.4, 0.0, 0.0], [-0.3, -0.2, 0.0, 0.0], [0.0] * 4])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    old = torch.full((4, 4), -2.0, requires_grad=True)
+    behaviour = old.detach() - log_rho
+    w = sequence_masked_weights(old, behaviour, mask, 0.8, 1.25)
+    g = math.exp(0.1)
+    close(w, [[g] * 4, [0.0] * 4, [0.0] * 4, [1.0] * 4], atol=1e-5)
+    assert not w.requires_grad
+    # A wider band keeps row 1 (1.49 <= 1.5) and row 2 (0.7788 >= 0.7).
+    w = sequence_masked_weights(old, behaviour, mask, 0.7, 1.5)
+    close(w[1:3, 0], [math.exp(0.4), math.exp(-0.25)], atol=1e-5)
+    with pytest.raises(ValueError, match=r"MIS band \[1.1, 2.0\] is invalid"):
+        sequence_masked_weights(old, behaviour, mask, 1.1, 2.0)
+
+
+def test_token_masked_weights_keep_the_ratio_inside_the_band_only() -> None:
+    # IcePop band [0.5, 5]: rho = 2 -> 2; 0.5 (the edge) -> 0.5; 0.4 -> masked 0; 5 (edge) -> 5; 6 -> 0;
+    # a log ratio of 200 (exp overflows) -> masked 0, not NaN.
+    rho = torch.tensor([[2.0, 0.5, 0.4, 5.0, 6.0]])
+    behaviour = torch.full((1, 5), -3.0)
+    old = behaviour + rho.log()
+    w = token_masked_weights(old, behaviour, 0.5, 5.0)
+    close(w, [[2.0, 0.5, 0.0, 5.0, 0.0]], atol=1e-5)
+    close(token_masked_weights(torch.tensor([[0.0]]), torch.tensor([[-200.0]]), 0.5, 5.0), [[0.0]])
+    with pytest.raises(ValueError, match=r"IcePop band \[0.5, 0.9\] is invalid"):
+        token_masked_weights(old, behaviour, 0.5, 0.9)
+
+
+def test_importance_weights_dispatches_each_correction() -> None:
+    # rho = 3 on one token: none -> no weights; tis (cap 2) -> 2; icepop [0.5, 5] -> 3; mis (one-token response,
+    # g = 3) -> masked by [0.8, 1.25] -> 0.
+    old, behaviour, mask = torch.tensor([[math.log(3.0)]]), torch.zeros(1, 1), torch.ones(1, 1)
+    assert importance_weights("none", old, behaviour, mask) is None
+    close(importance_weights("tis", old, behaviour, mask, tis_cap=2.0), [[2.0]], atol=1e-6)
+    close(importance_weights("icepop", old, behaviour, mask), [[3.0]], atol=1e-5)
+    close(importance_weights("mis", old, behaviour, mask), [[0.0]])
+    with pytest.raises(ValueError, match=r"correction must be one of \['none', 'tis', 'mis', 'icepop'\]"):
+        importance_weights("gspo", old, behaviour, mask)  # type: ignore[arg-type]
+
+
+def test_masked_tokens_contribute_nothing_but_keep_their_place_in_the_token_mean() -> None:
+    # Ratio 1 (pi_theta = pi_old), A = +1: per-token loss -1. IcePop weights [1, 0] (second token masked):
+    # sum = -1, divided by both tokens -> -0.5 (not -1: the masked token stays in the denominator).
+    loss, _ = policy_loss(
+        torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), is_weights=torch.tensor([[1.0, 0.0]])
+    )
+    assert loss.item() == pytest.approx(-0.5)
+
+
+def test_log_ratio_histogram_and_quantiles() -> None:
+    # 100 response tokens with log rho = (i - 50) / 1000, i = 0..99 (-0.05 .. +0.049): exactly one per bin of
+    # width 1e-3. p1 is the first bin whose count reaches 0.01 * 100 = 1: log rho -0.05 -> e^-0.05 = 0.951229;
+    # p50: the 50th value, log rho -0.001 -> 0.999000; p99: the 99th, log rho 0.048 -> 1.049171. A padding
+    # token (log rho 7) is not counted; a token at log rho -100 lands in the first bin (-8).
+    log_rho = torch.tensor([(i - 50) / 1000 for i in range(100)] + [7.0]).double()
+    mask = torch.ones(1, 101)
+    mask[0, 100] = 0
+    old = torch.zeros(1, 101, dtype=torch.float64)
+    histogram = log_ratio_histogram(old, -log_rho[None], mask)
+    assert histogram.shape == (NUM_BINS,) and histogram.sum().item() == 100 and histogram.max().item() == 1
+    p1, p50, p99 = histogram_quantiles(histogram, (0.01, 0.5, 0.99))
+    assert p1 == pytest.approx(math.exp(-0.05), abs=1e-9)
+    assert p50 == pytest.approx(math.exp(-0.001), abs=1e-9)
+    assert p99 == pytest.approx(math.exp(0.048), abs=1e-9)
+    # Histograms add up: two halves give the same quantiles as the whole.
+    a = log_ratio_histogram(old[:, :50], -log_rho[None, :50], mask[:, :50])
+    b = log_ratio_histogram(old[:, 50:], -log_rho[None, 50:], mask[:, 50:])
+    assert histogram_quantiles(a + b, (0.01, 0.5, 0.99)) == [p1, p50, p99]
+    far = log_ratio_histogram(torch.zeros(1, 1), torch.full((1, 1), 100.0), torch.ones(1, 1))
+    assert far[0].item() == 1 and histogram_quantiles(far, (0.5,))[0] == pytest.approx(math.exp(-8.0))
+    assert math.isnan(histogram_quantiles(torch.zeros(NUM_BINS, dtype=torch.float64), (0.5,))[0])
+    assert HISTOGRAM_BIN == 1e-3

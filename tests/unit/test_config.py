@@ -111,6 +111,13 @@ def test_switch_aliases_choose_the_curriculum() -> None:
         (["cluster.num_learner_ranks=3"], r"must be a multiple of cluster.num_learner_ranks = 3"),
         (["data.train_files=[]"], r"data.train_files = \(\) is invalid: at least one source"),
         (["data.train_files=[1]"], r"data.train_files = \[1\] is invalid: expected a list of strings"),
+        (["algorithm.off_policy_correction=gspo"], r"allowed values are 'none', 'tis', 'mis', 'icepop'"),
+        (["algorithm.mis_low=1.2"], r"algorithm.mis_low = 1.2 is invalid: must be in \(0, 1\]"),
+        (["algorithm.icepop_high=0.9"], r"algorithm.icepop_high = 0.9 is invalid: must be >= 1"),
+        (["reward.functions.math=score"], r"reward.functions.math = 'score' is invalid: expected 'module:function'"),
+        (["reward.functions.math=a b:c"], r"reward.functions.math = 'a b:c' is invalid: expected 'module:function'"),
+        (["reward.functions.math=3"], r"reward.functions.math = 3 is invalid: expected a string"),
+        (["reward.functions=['a:b']"], r"reward.functions = \['a:b'\] is invalid: expected a table of strings"),
     ],
 )
 def test_invalid_values_are_rejected_with_key_value_and_rule(overrides: list[str], message: str) -> None:
@@ -148,6 +155,19 @@ def test_explain_names_the_layer_of_every_value() -> None:
     assert origins["rollout.n_continue"].startswith("curriculum.mode = 'none' (from command line")
     assert f"over rollout.n_continue = 12 (from {tiny})" in origins["rollout.n_continue"]
     assert origins["pipeline.sync_timeout_s"] == "default"
+
+
+def test_reward_functions_from_the_file_and_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "rewards.toml"
+    path.write_text('[reward.functions]\ncountdown = "pkg.mod:score"\n"lighteval/MATH" = "pkg.math:score"\n')
+    config, origins = explain_config(path, ["reward.functions.countdown=other.mod:fn", "reward.functions.a.b=x:y"])
+    # Per entry, the later layer wins; any text after the prefix (dots included) is the source's name.
+    assert config.reward.functions == {"countdown": "other.mod:fn", "lighteval/MATH": "pkg.math:score", "a.b": "x:y"}
+    assert "reward.functions.countdown: command line" in origins["reward.functions"]
+    assert f"reward.functions.lighteval/MATH: {path}" in origins["reward.functions"]
+    table = load_config(None, ['reward.functions={src = "m:f"}'])
+    assert table.reward.functions == {"src": "m:f"} and load_config().reward.functions == {}
+    assert config_from_dict(config_to_dict(config)) == config
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:

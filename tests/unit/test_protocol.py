@@ -24,6 +24,7 @@ from speed_async.protocol import (
     NoWork,
     ProtocolError,
     Rejoin,
+    RewardStats,
     RolloutGroup,
     ScreenReport,
     Shutdown,
@@ -58,6 +59,7 @@ def work_item(prompt_id: int = 7, num_continue: int = 20) -> WorkItem:
         ground_truth="42",
         num_screen=4,
         num_continue=num_continue,
+        extra='{"numbers": [3, 7]}',
     )
 
 
@@ -101,6 +103,17 @@ def examples() -> dict[str, Message]:
         Shutdown(reason="done"),
         SyncFailed(sampler_id=3, generation=2, version=6, error="bucket 0 of 1 timed out"),
         Rejoin(reason="declared lost after 120 s of silence"),
+        RewardStats(
+            sampler_id=3,
+            data_source="countdown",
+            responses=10,
+            failed_error=1,
+            failed_invalid=2,
+            failed_timeout=1,
+            metric_names=["score", "valid"],
+            metric_sums=np.array([4.0, 6.0], dtype="<f4"),
+            metric_counts=np.array([10, 6], dtype="<i4"),
+        ),
         EvalAssignment(items=[work_item(30, num_continue=0)], version=6),
         EvalResult(
             sampler_id=3,

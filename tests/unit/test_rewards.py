@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from speed_async.rewards import RewardPool, WorkerStartupError, math_reward, overlong_penalty, score_batch
+from speed_async.rewards import (
+    InvalidReward,
+    RewardItem,
+    RewardPool,
+    WorkerStartupError,
+    check_functions,
+    check_result,
+    math_reward,
+    overlong_penalty,
+    score_batch,
+)
 from speed_async.rewards import pool as rewards_pool
 from tests.unit import _slow_scorer
 
@@ -191,7 +201,7 @@ def test_pool_counts_scorer_errors_and_worker_crashes(slow_pool: RewardPool) -> 
 
 def test_pool_rejects_bad_items_and_use_after_close() -> None:
     pool = RewardPool(num_workers=1, score_fn=SLOW_SCORER)
-    with pytest.raises(ValueError, match=r"items\[1\] must be a \(response, ground_truth\) tuple"):
+    with pytest.raises(ValueError, match=r"items\[1\] must be a RewardItem or a \(response, ground_truth\) tuple"):
         pool.score_batch([("a", "a"), ("b", 1)])
     pids = pool.worker_pids()
     assert not pool.closed
@@ -270,6 +280,90 @@ os.kill(os.getpid(), signal.SIGKILL)
     for pid in still_alive:  # do not leak them if the test fails
         os.kill(pid, signal.SIGKILL)
     assert still_alive == []
+
+
+# --- reward functions by import path -------------------------------------------------------------------
+
+USER_FN = "tests.unit._slow_scorer:user_score"
+
+
+def test_pool_routes_sources_to_their_functions_and_counts_failures_per_source(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = _slow_scorer
+    u = lambda response, truth="a", counted=True: RewardItem(response, truth, "u", '{"k": 1, "j": 2}', counted)  # noqa: E731
+    items = [
+        u("a"),  # match: 1.0, extra_keys 2 (the row's extra reached the function)
+        u("b"),  # no match: 0.0
+        u(s.DICT),  # 0.5, length 4
+        u(s.TRUE),  # a bool counts as a number: 1.0
+        u(s.RAISE), u(s.RAISE),  # error (twice: logged once)
+        u(s.NAN), u(s.INF), u(s.TEXT), u(s.NOSCORE), u(s.RESERVED),  # invalid
+        u(s.HANG),  # timeout
+        u(s.CRASH),  # the worker dies: error
+        u("a", counted=False),  # scored, not counted
+        RewardItem("x", "x", "other"),  # no function for "other": the default (2 arguments)
+        ("y", "z"),  # a plain pair: the default, data source ""
+    ]  # fmt: skip
+    pool = RewardPool(num_workers=2, timeout_s=1.5, score_fn=SLOW_SCORER, functions={"u": USER_FN})
+    with caplog.at_level("WARNING", logger="speed_async.rewards.pool"), pool:
+        scores = pool.score_batch(items)
+        stats = pool.take_source_stats()
+        assert pool.take_source_stats() == {}  # taken: reset
+        assert pool.stats()["invalid"] == 5 and pool.stats()["errors"] == 3 and pool.stats()["timeouts"] == 1
+    assert scores == [1.0, 0.0, 0.5, 1.0] + [0.0] * 9 + [1.0, 1.0, 0.0]
+    assert sorted(stats) == ["", "other", "u"]
+    got = stats["u"]
+    assert got.responses == 13 and got.score_sum == 2.5
+    assert got.failed == {"error": 3, "invalid": 5, "timeout": 1}
+    assert got.metric_sums == {"extra_keys": 4.0, "length": 4.0} and got.metric_counts == {"extra_keys": 2, "length": 1}
+    assert (stats["other"].responses, stats["other"].score_sum) == (1, 1.0)
+    # The first failure of each kind per source is logged (with the function's traceback), later ones only counted.
+    warnings = [r.getMessage() for r in caplog.records]
+    raised = [w for w in warnings if "raised for data source 'u'" in w]
+    assert len(raised) == 1 and "Traceback" in raised[0] and "scorer failed on purpose" in raised[0]
+    invalid = [w for w in warnings if "returned no valid result for data source 'u'" in w]
+    assert len(invalid) == 1 and "not a finite number" in invalid[0]  # NAN or INF, whichever came back first
+    assert len([w for w in warnings if "ran past timeout_s=1.5 for data source 'u'" in w]) == 1
+
+
+def test_check_result() -> None:
+    assert check_result(1) == (1.0, {}) and check_result(False) == (0.0, {})
+    assert check_result({"score": 0.25, "format": 1}) == (0.25, {"format": 1.0})
+    for value, message in [
+        ("1", r"the result is a str"),
+        (None, r"the result is a NoneType"),
+        (float("-inf"), r"the result is -inf, not a finite number"),
+        ({"format": 1.0}, r"no 'score'"),
+        ({"score": 1.0, "responses": 1.0}, r"metric name 'responses' is not allowed"),
+        ({"score": 1.0, "": 1.0}, r"metric name '' is not allowed"),
+        ({"score": 1.0, "x": [1]}, r"metric 'x' is a list"),
+    ]:
+        with pytest.raises(InvalidReward, match=message):
+            check_result(value)
+
+
+@pytest.mark.parametrize(
+    ("configured", "message"),
+    [
+        ({"u": "no_such_module_xyz:score"}, r"reward\.functions\.u = 'no_such_module_xyz:score' is invalid: module "
+         r"'no_such_module_xyz' cannot be imported \(ModuleNotFoundError"),
+        ({"u": "tests.unit._slow_scorer:missing"}, r"has no attribute 'missing'"),
+        ({"u": "tests.unit._slow_scorer:NOT_CALLABLE"}, r"_slow_scorer:NOT_CALLABLE' is a int, not a function"),
+        ({"typo": USER_FN}, r"reward\.functions\.typo = .* no data source 'typo' in the run \(sources: \['u'\]\)"),
+    ],
+)  # fmt: skip
+def test_check_functions_names_what_does_not_resolve(configured: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_functions(configured, ["u"])
+
+
+def test_check_functions_imports_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As the reward workers of `python -m` role processes do: the working directory is on the path.
+    (tmp_path / "my_reward_mod.py").write_text("def score(response, ground_truth, extra):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    check_functions({"u": "my_reward_mod:score"}, ["u"])
+    assert str(tmp_path) not in sys.path  # put back
 
 
 # --- overlong_penalty -----------------------------------------------------------------------------------
