@@ -142,12 +142,22 @@ class WeightPublisher:
         job = self._job
         if job is not None and self.dispatcher is not None:  # named when a sampler is lost meanwhile
             self.dispatcher.waiting_for = f"weights version {job.version} to reach the samplers"
+        rejoin_s = self.config.pipeline.rejoin_timeout_s
         with self._cv:
             while self._job is not None and self._error is None:
                 if time.monotonic() >= deadline:
                     raise PublishError(
                         f"publishing weights version {self._job.version} did not finish within "
                         f"{self.publish_timeout_s:.0f} s (generation {self.generation}, members {self.members})"
+                    )
+                members = getattr(self.dispatcher, "members", None)
+                if members is not None and (lost_for := members.none_alive_for()) > rejoin_s:
+                    # A broadcast to a stopped sampler returns only at the group's timeout (sync_timeout_s):
+                    # with nobody left to receive it, stop waiting (the run checkpoints and exits without it).
+                    raise PublishError(
+                        f"no sampler has been alive for {lost_for:.0f} s (pipeline.rejoin_timeout_s = {rejoin_s:g}) "
+                        f"while the learner waited for weights version {self._job.version} to reach the samplers: "
+                        f"{members.lost_summary()}"
                     )
                 self._cv.wait(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
         self.check()

@@ -172,7 +172,12 @@ def _stop_the_only_sampler(tmp_path: Path, run_dir: Path, resumed_from: int) -> 
         try:
             code = second.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the resumed run did not stop within {limit:.0f} s of its only sampler's SIGSTOP")
+            learner_log = run_dir / "logs" / "learner.log"
+            tail = learner_log.read_text(errors="replace")[-4000:] if learner_log.exists() else "(no learner.log)"
+            pytest.fail(
+                f"the resumed run did not stop within {limit:.0f} s of its only sampler's SIGSTOP; launcher:\n"
+                f"{(tmp_path / 'second.log').read_text(errors='replace')[-2000:]}\nlearner.log:\n{tail}"
+            )
     finally:
         if second.poll() is None:
             _kill_everything(second, run_dir)
