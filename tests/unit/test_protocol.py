@@ -184,10 +184,10 @@ def test_decoded_arrays_are_numpy_views_with_wire_dtypes() -> None:
 def test_exact_frame_layout_of_a_small_message() -> None:
     # body = fixmap(1) 0x81, fixstr(6) 0xa6 "reason", fixstr(1) 0xa1 "x"  -> 1 + 7 + 2 = 10 bytes
     body = b"\x81\xa6reason\xa1x"
-    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", the version as a positive fixint (4: 0x04),
+    # frame = fixarray(4) 0x94, fixstr(8) 0xa8 "shutdown", the version as a positive fixint (5: 0x05),
     # bin8 0xc4 0x0a + body, nil 0xc0
     version = bytes([SCHEMA_VERSION])
-    assert version == b"\x04"
+    assert version == b"\x05"
     assert encode(Shutdown(reason="x")) == b"\x94\xa8shutdown" + version + b"\xc4\x0a" + body + b"\xc0"
     # mac = HMAC-SHA256(key, packb("shutdown") || packb(version) || body); bin8 0xc4 0x20 + 32 bytes
     mac = hmac.new(KEY, b"\xa8shutdown" + version + body, hashlib.sha256).digest()
