@@ -73,7 +73,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--model",
         required=True,
-        help="a saved HF model directory (e.g. <run>/final_model), builtin:tiny or builtin:tiny-countdown",
+        help="a saved HF model directory (e.g. <run>/final_model), builtin:tiny or builtin:tiny-long",
     )
     ev.add_argument(
         "--data",
