@@ -22,7 +22,7 @@ from tests.e2e.harness import REPO, log_tail, role_env
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 3
+STEPS = 5  # at least 160 trained responses: both timeouts (calls 41 and 101) fall well before the last record
 BATCH = 4
 USER_MODULE = '''
 """A user's reward function: exact boxed answer, plus failures on purpose, by the number of earlier calls."""
@@ -83,8 +83,8 @@ def test_a_user_function_scores_a_real_run_and_its_failures_are_counted(tmp_path
     failed = {kind: last[f"reward/arithmetic/failed/{kind}"] for kind in ("error", "invalid", "timeout")}
     # Calls 5, 25, 45, ... raise, 10, 30, ... return NaN, 15, 35, ... a string; calls 41 and 101 sleep. The counts
     # trail the scoring by up to a second (the sampler sends them every second), so the last record can miss the
-    # last few responses.
-    assert responses >= max(STEPS * BATCH * 8, 110), responses
+    # last few responses (103 of 3 x 4 x 8 trained in a 3-step run in CI-like conditions: too few to reach call 101).
+    assert responses >= 110, responses
     assert failed["error"] >= responses // 20 - 2 and failed["invalid"] >= 2 * (responses // 20) - 3, failed
     assert failed["timeout"] == 2, failed
     assert last["reward/arithmetic/failed"] == sum(failed.values()) < responses / 4
