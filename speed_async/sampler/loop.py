@@ -389,8 +389,12 @@ class SamplerLoop:
         if mode == "abort":
             self._drop_work(lambda s: bool(s.outstanding), "aborted")
         self.clock.switch("weights")
-        if self.sync.receive(update) is None:
+        in_flight = (self.sampler_id, update.version, mode, self.engine.num_unfinished)
+        log.info("sampler %d: loading weights v%d (%s) with %d requests in flight", *in_flight)
+        seconds = self.sync.receive(update)
+        if seconds is None:
             return
+        log.info("sampler %d: weights v%d loaded in %.3f s", self.sampler_id, update.version, seconds)
         # Work whose first request is more than k versions older than these weights can never be trained.
         oldest = update.version - self.config.pipeline.max_staleness
         self._drop_work(lambda s: s.first_version < oldest, "stale_in_flight")

@@ -86,7 +86,9 @@ def test_a_user_function_scores_a_real_run_and_its_failures_are_counted(tmp_path
     # last few responses (103 of 3 x 4 x 8 trained in a 3-step run in CI-like conditions: too few to reach call 101).
     assert responses >= 110, responses
     assert failed["error"] >= responses // 20 - 2 and failed["invalid"] >= 2 * (responses // 20) - 3, failed
-    assert failed["timeout"] == 2, failed
+    # Calls 41 and 101 time out by design; on a loaded 2-core machine an ordinary call can also pass the 1-s limit
+    # (3 timeouts in one full `make test`), which is counted the same way.
+    assert failed["timeout"] >= 2, failed
     assert last["reward/arithmetic/failed"] == sum(failed.values()) < responses / 4
     # The function's extra metrics reach metrics.jsonl per source (means over the responses that returned them).
     boxed = [r["reward/arithmetic/boxed"] for r in steps if r.get("reward/arithmetic/boxed") is not None]
