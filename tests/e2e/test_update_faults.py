@@ -1,15 +1,17 @@
 """A sampler killed while its requests are paused in a weight update: nothing lost or repeated.
 
 A real run (torchrun learner, two vLLM samplers, gloo weight sync, ZeroMQ; k = 1, `rollout.weight_update_mode =
-keep`). To catch sampler 1 inside an update, sampler 0 is stopped (SIGSTOP): the next broadcast of the learner
-cannot complete without it, so sampler 1, which has paused its engine with requests in flight to receive that
-version, waits in the transfer (pipeline.sampler_timeout_s and sync_timeout_s are 30 s, so sampler 0 is neither
-declared lost nor the broadcast given up before that). Its log says so ("loading weights vN (keep) with M
-requests in flight" and no "weights vN loaded" after it); then it is killed (SIGKILL) and sampler 0 continued
-(SIGCONT). The launcher restarts sampler 1; the learner re-issues what it held, abandons the broadcast and
-forms a new weight-sync generation. Checked through the run directory: the run reaches its last step, every
-step trained BATCH groups with lag <= K, every dispatched prompt has at most one fate (and one without a fate
-was pending at the end), what the killed sampler held was re-issued and has a fate or is pending.
+keep`). To catch sampler 1 inside an update, the test reads its log every few milliseconds; when it says
+"loading weights vN (keep) with M requests in flight" (M > 0) with no "weights vN loaded" after it, the
+sampler is frozen (SIGSTOP) and the log read again: if the update is still unfinished, the process is frozen
+between the two lines, with its engine paused and its requests in flight; it is then killed (SIGKILL). If the
+update finished in between, the sampler is resumed (SIGCONT) and the next update is tried. (An earlier version
+froze sampler 0 to make the learner's broadcast, and with it sampler 1's update, wait; on a machine whose
+socket buffers held every broadcast the update never waited and the run ended first.) The launcher restarts
+sampler 1; the learner re-issues what it held, abandons the broadcast and forms a new weight-sync generation.
+Checked through the run directory: the run reaches its last step, every step trained BATCH groups with
+lag <= K, every dispatched prompt has at most one fate (and one without a fate was pending at the end), what
+the killed sampler held was re-issued and has a fate or is pending.
 """
 
 from __future__ import annotations
@@ -59,6 +61,22 @@ def _paused_in_update(log: Path, since: int) -> tuple[int, int] | None:
     return None if loaded in text[started[-1].end() :] else (version, in_flight)
 
 
+def _freeze_in_update(pid: int, log: Path, since: int, launcher: subprocess.Popen, timeout_s: float) -> tuple:
+    """Freeze sampler `pid` between its "loading weights" and "weights loaded" lines; (version, in flight, log)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert launcher.poll() is None, "the run ended while waiting for sampler 1 to load weights"
+        found = _paused_in_update(log, since)
+        if found is not None and found[1] > 0:
+            _signal(pid, signal.SIGSTOP)
+            time.sleep(0.05)  # the stop has taken effect; a line written before it is in the file
+            if _paused_in_update(log, since) == found:
+                return (*found, log.read_bytes()[since:].decode(errors="replace"))
+            _signal(pid, signal.SIGCONT)  # it finished loading in between: try the next update
+        time.sleep(0.002)
+    raise AssertionError(f"sampler 1 was not caught inside a weight update within {timeout_s} s")
+
+
 @pytest.mark.timeout(1200)  # start-ups take minutes on a loaded machine
 def test_sampler_killed_while_paused_in_a_weight_update_loses_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     run_dir = tmp_path / "run"
@@ -70,40 +88,20 @@ def test_sampler_killed_while_paused_in_a_weight_update_loses_nothing(tmp_path: 
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    stopped = None
     try:
         since = time.time()
-        _wait("a step and work on sampler 1", lambda: _steps(run_dir) and _holds_work(run_dir, 1, since), launcher, 400)
-        offset = log.stat().st_size  # this process's lines from here on
-        stopped = _pids(run_dir)["sampler[0]"]
-        _signal(stopped, signal.SIGSTOP)
-        paused: list[tuple[int, int]] = []
-
-        def in_update() -> bool:  # the same update still unfinished a second later: it waits in the transfer
-            found = _paused_in_update(log, offset)
-            if found is None or not paused or paused[-1][0] != found[0]:
-                paused.append(found) if found else paused.clear()
-                return False
-            time.sleep(1.0)
-            return _paused_in_update(log, offset) == found
-
-        _wait("sampler 1 paused in a weight update", in_update, launcher, 120)
+        _wait("work on sampler 1", lambda: _holds_work(run_dir, 1, since), launcher, 400)
         victim = _pids(run_dir)["sampler[1]"]
+        version, in_flight, killed_log = _freeze_in_update(victim, log, 0, launcher, 300)
         _signal(victim, signal.SIGKILL)
-        killed_log = log.read_bytes()[offset:].decode(errors="replace")
-        _signal(stopped, signal.SIGCONT)
-        stopped = None
         code = launcher.wait(timeout=600)
     finally:
-        if stopped is not None:
-            _signal(stopped, signal.SIGCONT)
         if launcher.poll() is None:
             _signal(launcher.pid, signal.SIGKILL)
             for pid in _pids(run_dir).values():
                 _signal(pid, signal.SIGKILL)
     out = (tmp_path / "launcher.log").read_text(errors="replace")
     assert code == 0, f"the run reaches its last step:\n{out[-4000:]}"
-    version, in_flight = paused[-1]
     assert in_flight > 0, f"sampler 1 held no requests when it paused for v{version}:\n{killed_log[-2000:]}"
     assert f"sampler 1: weights v{version} loaded" not in killed_log
     assert f"sampler[1] (pid {victim}) was killed by SIGKILL" in out, out[-3000:]
