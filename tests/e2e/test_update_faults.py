@@ -27,7 +27,7 @@ import pytest
 
 from speed_async.metrics import read_metrics
 from tests.e2e.harness import REPO, check_accounting
-from tests.e2e.test_faults import _env, _holds_work, _ledger, _pids, _signal, _steps, _wait
+from tests.e2e.test_faults import _env, _holds_work, _ledger, _pids, _signal, _wait
 
 pytestmark = pytest.mark.e2e
 
