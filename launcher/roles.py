@@ -157,6 +157,31 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
+SAMPLER_LOOP_ENV = "SPEED_ASYNC_SAMPLER_LOOP"
+"""Benchmarks only: `module:Class`, a SamplerLoop subclass a sampler runs instead (benchmarks/long_tail.py compares
+the continuous sampler with the old one-call-per-round shape kept in benchmarks/long_tail_loops.py)."""
+
+
+def sampler_loop_class() -> type:
+    """SamplerLoop, or the subclass `SPEED_ASYNC_SAMPLER_LOOP` names; ValueError naming the variable and its value
+    when it is not `module:Class` of an importable SamplerLoop subclass."""
+    import importlib
+
+    from speed_async.sampler.loop import SamplerLoop
+
+    spec = os.environ.get(SAMPLER_LOOP_ENV)
+    if not spec:
+        return SamplerLoop
+    module, _, name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{SAMPLER_LOOP_ENV}={spec!r} cannot be loaded ({err}); allowed: module:Class") from None
+    if not (isinstance(cls, type) and issubclass(cls, SamplerLoop)):
+        raise ValueError(f"{SAMPLER_LOOP_ENV}={spec!r} is not a subclass of speed_async.sampler.loop.SamplerLoop")
+    return cls
+
+
 def run_sampler(
     config: Config,
     run_dir: Path,
@@ -169,7 +194,7 @@ def run_sampler(
     workers on `reward_cpus`, default: the sampler's own); its time budget goes to run_dir/sampler-<id>.json.
     Returns 0, or EXIT_LEARNER_UNRESPONSIVE (3) after logging what it waited for when the learner stopped
     answering."""
-    from speed_async.sampler.loop import LearnerUnresponsive, SamplerEndpoints, SamplerLoop
+    from speed_async.sampler.loop import LearnerUnresponsive, SamplerEndpoints
     from speed_async.transport import load_shared_key
 
     device = config.cluster.device
@@ -182,7 +207,7 @@ def run_sampler(
         found = endpoints() if callable(endpoints) else endpoints
         return SamplerEndpoints(work=found["work"], results=found["results"])
 
-    loop = SamplerLoop(
+    loop = sampler_loop_class()(
         config,
         sampler_id,
         resolve,

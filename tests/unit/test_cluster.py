@@ -38,3 +38,17 @@ def test_torchrun_workers_are_recognised(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not under_torchrun()
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert under_torchrun()
+
+
+def test_a_sampler_runs_the_loop_class_the_benchmark_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.roles import SAMPLER_LOOP_ENV, sampler_loop_class
+    from speed_async.sampler.loop import SamplerLoop
+
+    monkeypatch.delenv(SAMPLER_LOOP_ENV, raising=False)
+    assert sampler_loop_class() is SamplerLoop
+    monkeypatch.setenv(SAMPLER_LOOP_ENV, "benchmarks.long_tail_loops:BatchedLoop")
+    assert sampler_loop_class().__name__ == "BatchedLoop" and issubclass(sampler_loop_class(), SamplerLoop)
+    for bad, reason in (("nope", "cannot be loaded"), ("speed_async.config:Config", "is not a subclass")):
+        monkeypatch.setenv(SAMPLER_LOOP_ENV, bad)
+        with pytest.raises(ValueError, match=f"{SAMPLER_LOOP_ENV}='{bad}' {reason}"):
+            sampler_loop_class()
