@@ -6,7 +6,8 @@ n_continue 12). Two arms, the same engine settings (configs/tiny-cpu-longtail.to
 gen_batch_size 32, eager), the same prompts:
 
 - continuous: the sampler as it is (`SamplerLoop`): requests submitted as soon as they are known, a
-  continuation right after its screen is scored, new screens whenever the engine has room;
+  continuation as soon as its screen is scored and the dispatcher says go (here: at once, for every qualified
+  screen), new screens whenever the engine has room;
 - batched: the old shape (`benchmarks/long_tail_loops.BatchedLoop`): one blocking `Engine.generate` per round of
   every waiting continuation plus up to gen_batch_size new screens; a round ends with its longest response.
 
@@ -124,7 +125,9 @@ class Arm:
 
     def segment(self, items: list[Any], others: list[Arm]) -> tuple[float, float]:
         """Serve `items` until each is rejected or its group arrived (`others` kept idle); (monotonic start, end)."""
-        from speed_async.protocol import GroupDropped, NoWork, RolloutGroup, ScreenReport, WorkAssignment, WorkRequest
+        from speed_async.protocol import (
+            ContinueDecision, GroupDropped, NoWork, RolloutGroup, ScreenReport, WorkAssignment, WorkRequest,
+        )  # fmt: skip
 
         queue, left = list(items), {(it.epoch, it.prompt_id) for it in items}
         start = time.monotonic()
@@ -145,6 +148,9 @@ class Arm:
                     else:
                         self.router.send_to(self.identity, NoWork(retry_after_s=0.05, reason="segment handed out"))
             msg = self.pull.recv(0.005)
+            if isinstance(msg, ScreenReport) and msg.qualified and self.identity is not None:
+                # The dispatcher's pacing answer: every qualified screen of a segment is continued at once.
+                self.router.send_to(self.identity, ContinueDecision(prompt_id=msg.prompt_id, epoch=msg.epoch, go=True))
             if (isinstance(msg, ScreenReport) and not msg.qualified) or isinstance(msg, RolloutGroup | GroupDropped):
                 left.discard((msg.epoch, msg.prompt_id))
         return start, time.monotonic()
