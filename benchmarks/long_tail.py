@@ -126,7 +126,13 @@ class Arm:
     def segment(self, items: list[Any], others: list[Arm]) -> tuple[float, float]:
         """Serve `items` until each is rejected or its group arrived (`others` kept idle); (monotonic start, end)."""
         from speed_async.protocol import (
-            ContinueDecision, GroupDropped, NoWork, RolloutGroup, ScreenReport, WorkAssignment, WorkRequest,
+            ContinueDecision,
+            GroupDropped,
+            NoWork,
+            RolloutGroup,
+            ScreenReport,
+            WorkAssignment,
+            WorkRequest,
         )  # fmt: skip
 
         queue, left = list(items), {(it.epoch, it.prompt_id) for it in items}
