@@ -23,55 +23,32 @@ source logged with its traceback. Workers are started with the "spawn" context: 
 may hold threads and ZeroMQ sockets, which must not be forked. Spawn re-imports the parent's
 ``__main__`` module in each worker, so entry points keep heavy work behind
 ``if __name__ == "__main__":``.
+
+This module holds what callers see: the queue, the tickets and the default pool. The conversation with the
+workers (handles, spawn, answers, deadlines, replacements) is `speed_async.rewards.slots`, the counters and
+per-source stats `speed_async.rewards.tally`.
 """
 
 import atexit
 import contextlib
 import logging
 import multiprocessing
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from multiprocessing.connection import wait
 from types import TracebackType
 from typing import Self
 
-from speed_async.rewards.functions import FAILURE_KINDS
+from speed_async.rewards.slots import WorkerHandle, WorkerSlots, stop_workers
+from speed_async.rewards.slots import WorkerStartupError as WorkerStartupError  # re-exported: it was defined here
 from speed_async.rewards.stats import RewardItem, SourceStats
-from speed_async.rewards.worker import worker_main
+from speed_async.rewards.tally import PoolTally
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # the pool's; its worker slots (`speed_async.rewards.slots`) log under it
 
 DEFAULT_SCORE_FN = "speed_async.rewards.math_verify_reward:score_math"
-_JOIN_TIMEOUT_S = 2.0
-
-
-@dataclass
-class _Worker:
-    """Parent-side handle of one worker slot."""
-
-    slot: int
-    process: BaseProcess
-    conn: Connection
-    deadline: float
-    ready: bool = False
-    ticket: int | None = None  # ticket of the item in flight, if any
-    item: RewardItem | None = None  # the item in flight, if any
-
-    def name(self) -> str:
-        return f"reward worker {self.slot} (pid {self.process.pid})"
-
-    def waiting(self) -> bool:
-        """Whether the parent waits on this worker: for its ready message or for a score."""
-        return not self.ready or self.ticket is not None
-
-
-class WorkerStartupError(RuntimeError):
-    """A reward worker failed to start (import error, early exit, or no ready message in time)."""
 
 
 def _as_item(index: int, item: object) -> RewardItem:
@@ -86,7 +63,7 @@ def _as_item(index: int, item: object) -> RewardItem:
     return RewardItem(item[0], item[1])
 
 
-class RewardPool:
+class RewardPool(WorkerSlots):
     """Persistent worker processes that score ``(response, ground_truth)`` pairs with a real time limit.
 
     Args:
@@ -143,10 +120,8 @@ class RewardPool:
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._closed = False
-        self._stats = dict.fromkeys(("scored", "timeouts", "too_long", "errors", "invalid", "worker_restarts"), 0)
-        self._sources: dict[str, SourceStats] = {}
-        self._logged: set[tuple[str, str]] = set()  # (data source, failure kind) already logged
-        self._workers: list[_Worker] = []
+        self._tally = PoolTally()  # the counters, per-source stats, failures already logged
+        self._workers: list[WorkerHandle] = []
         self._pending: deque[tuple[int, RewardItem]] = deque()
         self._done: dict[int, float] = {}
         self._next_ticket = 0
@@ -177,7 +152,7 @@ class RewardPool:
                 self._next_ticket += 1
                 tickets.append(ticket)
                 if len(item.response) > self.max_chars:
-                    self._stats["too_long"] += 1
+                    self._tally.count("too_long")
                     self._done[ticket] = 0.0
                 else:
                     self._pending.append((ticket, item))
@@ -261,36 +236,12 @@ class RewardPool:
     def stats(self) -> dict[str, int]:
         """Counters since creation: scored, timeouts, too_long, errors, invalid, worker_restarts."""
         with self._lock:
-            return dict(self._stats)
+            return self._tally.totals()
 
     def take_source_stats(self) -> dict[str, SourceStats]:
         """Per data source, what was scored of the ``counted`` items since the previous call (then reset)."""
         with self._lock:
-            taken, self._sources = self._sources, {}
-            return taken
-
-    def _source(self, item: RewardItem) -> SourceStats | None:
-        return self._sources.setdefault(item.data_source, SourceStats()) if item.counted else None
-
-    def _failed(self, worker: _Worker, kind: str, text: str) -> None:
-        """The item in `worker` failed (`kind`): it scores 0.0, counted; the first of its source and kind logged."""
-        assert worker.ticket is not None and worker.item is not None and kind in FAILURE_KINDS
-        item = worker.item
-        self._done[worker.ticket] = 0.0
-        self._stats["timeouts" if kind == "timeout" else "errors" if kind == "error" else "invalid"] += 1
-        stats = self._source(item)
-        if stats is not None:
-            stats.fail(kind)
-        function = self.functions.get(item.data_source, self.score_fn)
-        if (item.data_source, kind) not in self._logged:
-            self._logged.add((item.data_source, kind))
-            logger.warning(
-                "%s: %s for data source %r (item %d; it scores 0, later ones of this kind and source are only "
-                "counted): %s", worker.name(), {"error": f"{function} raised", "invalid": f"{function} returned no "
-                "valid result", "timeout": f"{function} ran past timeout_s={self.timeout_s}"}[kind],
-                item.data_source, worker.ticket, text.rstrip(),
-            )  # fmt: skip
-        worker.ticket, worker.item = None, None
+            return self._tally.take_sources()
 
     @property
     def closed(self) -> bool:
@@ -322,110 +273,7 @@ class RewardPool:
         if self._closed:
             return
         self._closed = True
-        for worker in self._workers:
-            if worker.waiting():  # starting or scoring: it would not read an exit request soon
-                worker.process.kill()
-            else:
-                with contextlib.suppress(OSError):  # already dead: reaped below
-                    worker.conn.send(None)
-        deadline = time.monotonic() + _JOIN_TIMEOUT_S
-        for worker in self._workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
-            self._stop(worker)
-
-    def _spawn(self, slot: int) -> _Worker:
-        parent_conn, child_conn = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=worker_main,
-            args=(child_conn, self.score_fn, tuple(sorted(set(self.functions.values()))), os.getpid(), self.cpus),
-            name=f"reward-worker-{slot}",
-            daemon=True,
-        )
-        process.start()
-        child_conn.close()  # so that the parent reads EOF when the worker dies
-        return _Worker(slot, process, parent_conn, deadline=time.monotonic() + self.startup_timeout_s)
-
-    def _stop(self, worker: _Worker) -> None:
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join(_JOIN_TIMEOUT_S)
-        worker.conn.close()
-
-    def _replace(self, worker: _Worker) -> None:
-        self._stop(worker)
-        self._workers[worker.slot] = self._spawn(worker.slot)
-        self._stats["worker_restarts"] += 1
-
-    def _send(self, worker: _Worker) -> None:
-        ticket, item = self._pending.popleft()
-        path = self.functions.get(item.data_source, "")
-        try:
-            worker.conn.send((path, item.response, item.ground_truth, item.extra))
-        except OSError:
-            # The worker died while idle: no item was lost; retry this one on its replacement.
-            logger.warning("%s died while idle; replacing it", worker.name())
-            self._pending.appendleft((ticket, item))
-            self._replace(worker)
-            return
-        worker.ticket, worker.item = ticket, item
-        worker.deadline = time.monotonic() + self.timeout_s
-
-    def _wait_once(self, timeout_s: float | None) -> None:
-        """Wait for messages from busy or starting workers until the earliest deadline (and at most
-        `timeout_s`), handle them, and act on the deadlines that passed."""
-        waiting = [w for w in self._workers if w.waiting()]
-        assert waiting, "nothing to wait for"
-        timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-        if timeout_s is not None:
-            timeout = min(timeout, timeout_s)
-        for conn in wait([w.conn for w in waiting], timeout):
-            self._on_message(next(w for w in waiting if w.conn is conn))
-        now = time.monotonic()
-        for worker in waiting:
-            # Skip workers replaced or answered above: their deadline no longer applies.
-            if self._workers[worker.slot] is worker and worker.waiting() and now >= worker.deadline:
-                self._on_deadline(worker)
-
-    def _on_message(self, worker: _Worker) -> None:
-        try:
-            message = worker.conn.recv()
-        except EOFError:
-            if not worker.ready:
-                self._stop(worker)
-                raise WorkerStartupError(
-                    f"{worker.name()} exited during startup (exit code {worker.process.exitcode})"
-                ) from None
-            self._failed(worker, "error", f"the worker died (exit code {worker.process.exitcode}); replacing it")
-            self._replace(worker)
-            return
-        kind = message[0]
-        if kind == "ready":
-            worker.ready = True
-        elif kind == "startup_error":
-            self._stop(worker)
-            raise WorkerStartupError(f"{worker.name()} could not load a scoring function: {message[1]}")
-        elif kind == "ok":
-            assert worker.ticket is not None and worker.item is not None
-            _, score, metrics = message
-            self._done[worker.ticket] = score
-            self._stats["scored"] += 1
-            stats = self._source(worker.item)
-            if stats is not None:
-                stats.add(score, metrics)
-            worker.ticket, worker.item = None, None
-        else:
-            assert kind == "fail" and worker.ticket is not None, message
-            self._failed(worker, message[1], message[2])
-
-    def _on_deadline(self, worker: _Worker) -> None:
-        if not worker.ready:
-            self._stop(worker)
-            raise WorkerStartupError(
-                f"{worker.name()} did not report ready within startup_timeout_s={self.startup_timeout_s} s "
-                f"(importing score_fn={self.score_fn!r} and {sorted(set(self.functions.values()))})"
-            )
-        self._failed(worker, "timeout", "no score in time; the worker is killed and replaced")
-        self._replace(worker)
+        stop_workers(self._workers)
 
 
 _default_pool: RewardPool | None = None

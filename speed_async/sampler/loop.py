@@ -42,47 +42,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from speed_async.config import Config
-from speed_async.curriculum.groups import GroupAssembler, PromptWork
-from speed_async.protocol import (
-    ContinueDecision,
-    EvalAssignment,
-    Heartbeat,
-    Hello,
-    JoinSyncGroup,
-    Message,
-    NoWork,
-    Rejoin,
-    ScreenReport,
-    Shutdown,
-    UpdateWeights,
-    WorkAssignment,
-    WorkRequest,
-)
+from speed_async.curriculum.groups import PromptWork
+from speed_async.protocol import Hello, ScreenReport, UpdateWeights, WorkRequest
 from speed_async.sampler.activity import ActivityClock
+from speed_async.sampler.channel import BOUND_REASONS as BOUND_REASONS  # re-exported: it was defined here
+from speed_async.sampler.channel import HEARTBEAT_EVERY_S as HEARTBEAT_EVERY_S  # re-exported, likewise
+from speed_async.sampler.channel import ChannelMixin
 from speed_async.sampler.heartbeat import HeartbeatThread
-from speed_async.sampler.inflight import RequestBook, Stage
+from speed_async.sampler.inflight import RequestBook
 from speed_async.sampler.scoring import Scorer
 from speed_async.sampler.sync import LearnerUnresponsive, WeightSync
-from speed_async.sampler.wire import (
-    dropped_message,
-    eval_result_message,
-    outcome_message,
-    reward_stats_messages,
-    work_from_item,
-)
-from speed_async.transport import Context, DealerSocket, PushSocket, TransportTimeout
+from speed_async.sampler.updates import UpdatesMixin
+from speed_async.sampler.wire import dropped_message, eval_result_message, outcome_message, reward_stats_messages
+from speed_async.transport import Context, DealerSocket, PushSocket
 
 __all__ = ["LearnerUnresponsive", "SamplerEndpoints", "SamplerLoop"]
 
 log = logging.getLogger("speed_async.sampler")
-HEARTBEAT_EVERY_S = 2.0
-"""How often the main loop also beats on the work channel (the learner answers a sampler it lost with Rejoin)."""
 REWARD_STATS_EVERY_S = 1.0
 """How often the sampler sends the learner what its reward workers counted per data source (RewardStats)."""
 IDLE_WAIT_S = 0.02
 """With nothing to run, how long one turn waits for a message or a score."""
-BOUND_REASONS = ("staleness bound", "waiting for weights")
-"""NoWork reasons that mean: newer weights are needed first (time charged to idle_weights, not idle_work)."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +73,12 @@ class SamplerEndpoints:
     results: str
 
 
-class SamplerLoop:
-    """One sampler: engine + reward pool + group assembler + request book + sockets."""
+class SamplerLoop(ChannelMixin, UpdatesMixin):
+    """One sampler: engine + reward pool + group assembler + request book + sockets.
+
+    Its messages are `ChannelMixin`'s (`speed_async.sampler.channel`), its weight updates `UpdatesMixin`'s
+    (`speed_async.sampler.updates`); this class holds the state and runs the turns: work requests, submitting,
+    engine steps, scores."""
 
     def __init__(
         self,
@@ -167,109 +151,7 @@ class SamplerLoop:
         the mean occupancy of the engine's batch)."""
         self.t_first_work: float | None = None
 
-    # ---- messages ----------------------------------------------------------------------------------------
-    def _new_assembler(self) -> GroupAssembler:
-        cur = self.config.curriculum
-        return GroupAssembler(cur.mode, cur.pass_rate_low, cur.pass_rate_high)
-
-    def _status(self) -> tuple[int, int, str]:
-        """(version, pending items, state) for the heartbeat thread."""
-        assembler = self.assembler
-        pending = assembler.num_new + assembler.num_pending + assembler.num_continue + self.engine.num_unfinished
-        return self.engine.version, pending, f"{self.clock.current}, {self.engine.num_unfinished} requests in flight"
-
-    def _send_control(self, msg: Message) -> None:
-        self._send(self.dealer, msg, self.endpoints.work)
-
-    def _emit(self, msg: Message) -> None:
-        self._send(self.push, msg, self.endpoints.results)
-
-    def _send(self, sock: DealerSocket | PushSocket, msg: Message, endpoint: str) -> None:
-        timeout = self.config.pipeline.request_timeout_s
-        doing = self.clock.current
-        self.clock.switch("sending")
-        try:
-            sock.send(msg, timeout_s=timeout)
-        except TransportTimeout:
-            raise LearnerUnresponsive(
-                f"sampler {self.sampler_id}: the learner is unresponsive: sending {msg.TAG} to {endpoint} was "
-                f"blocked for {timeout:g} s (pipeline.request_timeout_s): the learner takes no messages"
-            ) from None
-        finally:
-            self.clock.switch(doing)
-
-    def _handle(self, msg: Message) -> None:
-        if isinstance(msg, WorkAssignment):
-            if self.t_first_work is None:
-                self.t_first_work = time.perf_counter()
-            self.request_sent_at, self.bound_wait = None, False
-            self.assembler.add(work_from_item(item) for item in msg.items)
-        elif isinstance(msg, NoWork):
-            self.request_sent_at = None
-            self.retry_at = time.monotonic() + msg.retry_after_s
-            self.bound_wait = msg.reason.startswith(BOUND_REASONS)
-        elif isinstance(msg, ContinueDecision):
-            key = (msg.epoch, msg.prompt_id)
-            self.decision_due.pop(key, None)
-            self.assembler.decide(key, msg.go)
-        elif isinstance(msg, EvalAssignment):
-            self.eval_items.extend((work_from_item(item), msg.version) for item in msg.items)
-        elif isinstance(msg, JoinSyncGroup):
-            self.pending_update = None
-            self.clock.switch("weights")
-            self.sync.join(msg)
-        elif isinstance(msg, UpdateWeights):
-            if msg.generation == self.sync.generation:
-                self.pending_update = msg
-            else:  # announced on a generation this engine is not (or no longer) in
-                log.info(
-                    "sampler %d: update v%d on generation %d ignored", self.sampler_id, msg.version, msg.generation
-                )
-        elif isinstance(msg, Rejoin):
-            self._rejoin(msg.reason)
-        elif isinstance(msg, Shutdown):
-            self.stopping = msg.reason
-        else:
-            log.warning("sampler %d: unexpected %s on the work channel", self.sampler_id, type(msg).__name__)
-
-    def _rejoin(self, reason: str) -> None:
-        """The learner lost this sampler: drop all work (it was re-issued), leave the group, say hello again."""
-        log.warning("sampler %d: the learner asks it to rejoin (%s); dropping its work", self.sampler_id, reason)
-        self.engine.abort(self.book.clear())
-        self.scorer.forget()
-        self.assembler = self._new_assembler()
-        self.decision_due.clear()
-        self.eval_items, self.pending_update, self.request_sent_at, self.retry_at = [], None, None, 0.0
-        self.sync.leave()
-        self._send_control(Hello(sampler_id=self.sampler_id, pid=os.getpid(), hostname=socket.gethostname()))
-
-    def _drain(self, timeout_s: float) -> None:
-        """Handle every message already waiting; wait up to `timeout_s` for the first one."""
-        msg = self.dealer.recv(timeout_s)
-        while msg is not None:
-            self._handle(msg)
-            msg = self.dealer.recv(0.0)
-
-    def _heartbeat(self) -> None:
-        """Also beat on the work channel now and then: the learner answers a sampler it lost with Rejoin."""
-        now = time.monotonic()
-        if now - self.last_heartbeat >= HEARTBEAT_EVERY_S:
-            version, pending, state = self._status()
-            beat = Heartbeat(
-                sampler_id=self.sampler_id,
-                version=version,
-                num_pending=pending,
-                state=state[:200],
-                times=self.clock.snapshot(),
-            )
-            self._send_control(beat)
-            self.last_heartbeat = now
-
     # ---- work --------------------------------------------------------------------------------------------
-    def _draining(self) -> bool:
-        """Mode `wait` with an update pending: no new training requests until those in flight finish."""
-        return self.pending_update is not None and self.config.rollout.weight_update_mode == "wait"
-
     def _capacity(self) -> int:
         return self.engine.max_num_seqs
 
@@ -373,40 +255,6 @@ class SamplerLoop:
             )  # fmt: skip
             version = min(r.version_min for r in work.responses)
             self._emit(dropped_message(self.sampler_id, work, "no_decision", version))
-
-    # ---- weights -----------------------------------------------------------------------------------------
-    def _maybe_update(self) -> None:
-        """Load pending weights between two engine steps, as rollout.weight_update_mode says."""
-        update = self.pending_update
-        if update is None:
-            return
-        if any(s.is_eval and s.eval_version < update.version for s in self.book.stages()) or self.eval_items:
-            return  # evaluations of older weights finish first
-        mode = self.config.rollout.weight_update_mode
-        if mode == "wait" and any(not s.is_eval for s in self.book.stages() if s.outstanding):
-            return  # draining
-        self.pending_update = None
-        if mode == "abort":
-            self._drop_work(lambda s: bool(s.outstanding), "aborted")
-        self.clock.switch("weights")
-        in_flight = (self.sampler_id, update.version, mode, self.engine.num_unfinished)
-        log.info("sampler %d: loading weights v%d (%s) with %d requests in flight", *in_flight)
-        seconds = self.sync.receive(update)
-        if seconds is None:
-            return
-        log.info("sampler %d: weights v%d loaded in %.3f s", self.sampler_id, update.version, seconds)
-        # Work whose first request is more than k versions older than these weights can never be trained.
-        oldest = update.version - self.config.pipeline.max_staleness
-        self._drop_work(lambda s: s.first_version < oldest, "stale_in_flight")
-
-    def _drop_work(self, which: Callable[[Stage], bool], reason: str) -> None:
-        """Abort the training stages `which` selects, in the engine and the book; return their prompts."""
-        stages, ids = self.book.abort(lambda s: not s.is_eval and which(s))
-        self.engine.abort(ids)
-        self.counters["aborted_requests"] += len(ids)
-        for stage in stages:
-            self.counters["returned_prompts"] += 1
-            self._emit(dropped_message(self.sampler_id, stage.work, reason, stage.first_version))
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def step(self) -> bool:

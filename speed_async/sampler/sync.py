@@ -4,7 +4,7 @@ A failed join or receive is reported (`SyncFailed`) and, after a failed receive,
 incomplete: the sampler generates nothing until the learner has re-formed the group and sent complete weights
 again (bounded: `LearnerUnresponsive` after a while); MAX_SYNC_FAILURES counted failures in a row end the
 process. The sampler loop decides when a receive happens (between two engine steps, see
-`speed_async.sampler.loop`); this object only does it.
+`speed_async.sampler.updates`); this object only does it.
 """
 
 from __future__ import annotations
