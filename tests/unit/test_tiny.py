@@ -96,6 +96,18 @@ def test_builtin_tiny_countdown_is_the_tiny_model_warm_started_on_countdown(tmp_
         store.verify_model_dir(copy, manifest, store.MANIFEST_COUNTDOWN)
 
 
+def test_model_path_resolves_every_shipped_model_and_refuses_other_names(tmp_path: Path) -> None:
+    from launcher.train import resolve_model
+
+    for name, (model_dir, _) in store.BUILTIN_MODELS.items():
+        assert resolve_model(name) == str(model_dir)
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ValueError, match=r"'builtin:tiny-huge' is invalid: allowed builtin models: .*tiny-countdown"):
+        resolve_model("builtin:tiny-huge")
+    with pytest.raises(ValueError, match=r"'/no/such/dir' is invalid: not a directory \(or one of"):
+        resolve_model("/no/such/dir")
+
+
 def test_the_package_data_ships_every_file_of_the_model() -> None:
     # What a regular (non-editable) install copies: pyproject's package-data globs must cover the model.
     globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["speed_async"]
