@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,12 @@ def test_builtin_source_names() -> None:
     with pytest.raises(ValueError, match=r"builtin:countdown/hard: split='hard' is not allowed.*countdown/<train"):
         read_prompt_file("builtin:countdown/hard")
 
+
+def test_the_countdown_config_prompts_as_the_warm_start_was_trained() -> None:
+    from speed_async.config import load_config
+    from speed_async.data.countdown import INSTRUCTION
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu-countdown.toml")
+    assert config.data.prompt_suffix == INSTRUCTION and config.model.path == "builtin:tiny-countdown"
+    assert config.data.train_files == ("builtin:countdown/train",) and config.reward.functions == {}
+    assert config.data.eval_files == ("builtin:countdown/test",)
