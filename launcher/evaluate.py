@@ -85,7 +85,8 @@ class EvalSettings:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """`builtin:tiny` / `builtin:tiny-long` -> the shipped model; otherwise a directory holding an HF config.json."""
+    """`builtin:tiny` / `builtin:tiny-long` / `builtin:tiny-countdown` -> the shipped model; otherwise a directory
+    holding an HF config.json."""
     if model.startswith("builtin:"):
         from speed_async.tiny.store import BUILTIN_MODELS, resolve_builtin
 

@@ -71,10 +71,11 @@ def free_port() -> int:
 
 
 def resolve_model(path: str) -> str:
-    """`builtin:tiny` / `builtin:tiny-long` -> the shipped model's directory (checked); anything else as given."""
-    if path.startswith("builtin:"):
-        from speed_async.tiny.store import BUILTIN_MODELS, resolve_builtin
+    """A shipped model (`builtin:tiny`, `builtin:tiny-long`, `builtin:tiny-countdown`) -> its directory (checked);
+    anything else as given."""
+    from speed_async.tiny.store import BUILTIN_MODELS, resolve_builtin
 
+    if path.startswith("builtin:"):
         if path not in BUILTIN_MODELS:
             raise ValueError(f"model.path = {path!r} is invalid: allowed builtin models: {sorted(BUILTIN_MODELS)}")
         return str(resolve_builtin(path))

@@ -73,7 +73,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--model",
         required=True,
-        help="a saved HF model directory (e.g. <run>/final_model), builtin:tiny or builtin:tiny-long",
+        help="a saved HF model directory (e.g. <run>/final_model) or a shipped model: builtin:tiny, builtin:tiny-long, "
+        "builtin:tiny-countdown",
     )
     ev.add_argument(
         "--data",

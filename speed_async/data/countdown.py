@@ -1,8 +1,9 @@
 """The second builtin task: Countdown (as in TinyZero), whose reward is not Math-Verify.
 
-Given 3 or 4 numbers and a target, write an arithmetic expression with + - * / and parentheses that uses each
-number at most once and equals the target. The reward is `speed_async.rewards.countdown.score_countdown`
-(a safe parser, no `eval`), the builtin reward function of data source ``countdown``.
+Given 3 or 4 numbers (1 to 9 here, sized for the tiny model) and a target, write an arithmetic expression with
++ - * / and parentheses that uses each number at most once and equals the target. The reward is
+`speed_async.rewards.countdown.score_countdown` (a safe parser, no `eval`), the builtin reward function of data
+source ``countdown``.
 
 Every problem is generated from a solution: the numbers in a random order, combined left to right with random
 operators, every intermediate value a non-negative integer (a division only when exact) and the target in
@@ -14,8 +15,9 @@ with its result, then the expression in ``<answer>`` tags::
     Use 3, 7, 5 to make 16.   ->   7*3=21, 21-5=16. <answer>(7*3)-5</answer>
 
 A record's `ground_truth` is the target as a decimal string and `extra` holds ``{"numbers": [...], "level":
-1..5}``: the scorer reads the numbers from `extra`. Splits are deterministic by seed and disjoint (no
-(numbers, target) pair of "test" is in "train"). No torch here: this module is imported by the data layer.
+1..5, "solution": ...}``: the scorer reads the numbers from `extra`. Splits are deterministic by seed and
+disjoint: no (numbers, target) pair of "test" is in "train"; "test" holds distinct problems, "train" may repeat
+one (level 1 has only 550 distinct problems). No torch here: this module is imported by the data layer.
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ DATA_SOURCE = "countdown"
 SPLIT_SIZES: dict[str, int] = {"train": 10000, "test": 500}
 MAX_TARGET = 99
 """Largest target (targets are 1 .. MAX_TARGET)."""
-INSTRUCTION = (
-    " Use each number at most once, with + - * / and parentheses. Show the steps, then the expression in"
-    " <answer> </answer>."
-)
-"""What `configs/tiny-cpu-countdown.toml` appends to every problem (data.prompt_suffix)."""
+INSTRUCTION = " Answer in <answer></answer>."
+"""What `configs/tiny-cpu-countdown.toml` appends to every problem (data.prompt_suffix). Short for the tiny model,
+whose tokenizer spells unseen words byte by byte (20 tokens; the rules in words took 51); a real model wants
+the rules: "each number at most once, with + - * / and parentheses"."""
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,11 @@ class Level:
 
 
 LEVELS: tuple[Level, ...] = (
-    Level(1, 3, 15, "+-", 1, "3 numbers of 1-15, + and - (2,424 distinct problems)"),
-    Level(2, 3, 12, "+-*", 1, "3 numbers of 1-12, + - * (3,989 distinct problems)"),
-    Level(3, 3, 25, "+-*/", 2, "3 numbers of 1-25, + - * /"),
-    Level(4, 4, 9, "+-*", 2, "4 numbers of 1-9, + - *"),
-    Level(5, 4, 25, "+-*/", 2, "4 numbers of 1-25, + - * /"),
+    Level(1, 3, 9, "+-", 1, "3 numbers, + and - (550 distinct problems)"),
+    Level(2, 3, 9, "+-*", 1, "3 numbers, + - * (1,860 distinct problems)"),
+    Level(3, 4, 9, "+-", 2, "4 numbers, + and - (2,717 distinct problems)"),
+    Level(4, 4, 9, "+-*", 3, "4 numbers, + - * (19,226 distinct problems)"),
+    Level(5, 4, 9, "+-*/", 3, "4 numbers, + - * /"),
 )
 MAX_DRAWS_PER_PROBLEM = 1000
 """A level that needs more draws than this per problem has run out of distinct problems (an error, not a hang)."""
@@ -119,8 +120,8 @@ def _sample(rng: random.Random, level: Level) -> tuple[list[int], int, list[Step
 
 
 def _rows(seed: int, split: str) -> list[tuple[list[int], int, list[Step], int]]:
-    """(numbers, target, solution steps, level) of one split. Test first, then train without the test's
-    (sorted numbers, target) pairs; one stream per seed."""
+    """(numbers, target, solution steps, level) of one split. Test first (distinct problems), then train without
+    the test's (sorted numbers, target) pairs; one stream per seed."""
     rng = random.Random(f"countdown-{seed}")
     seen: set[tuple[tuple[int, ...], int]] = set()
     out: dict[str, list[tuple[list[int], int, list[Step], int]]] = {}
@@ -141,7 +142,8 @@ def _rows(seed: int, split: str) -> list[tuple[list[int], int, list[Step], int]]
                 key = (tuple(sorted(drawn[0])), drawn[1])
                 if key in seen:
                     continue
-                seen.add(key)
+                if name == "test":
+                    seen.add(key)
                 rows.append((*drawn, level.level))
                 made += 1
         rng.shuffle(rows)
@@ -153,7 +155,7 @@ def _rows(seed: int, split: str) -> list[tuple[list[int], int, list[Step], int]]
 
 def load_split(split: str, seed: int = 0) -> list[PromptRecord]:
     """The "train" (10000) or "test" (500) split, deterministic by `seed`: the test split has the 5 levels in
-    equal shares, the train split in the shares `Level.train_weight`. Each record's `prompt` is the problem
+    equal shares, the train split in the shares `Level.train_weight` (1:1:2:3:3). Each record's `prompt` is the problem
     text, `ground_truth` the target, `extra` ``{"numbers": [...], "level": n, "solution": text}``."""
     if split not in SPLIT_SIZES:
         raise ValueError(f"split={split!r} is not allowed; allowed: {sorted(SPLIT_SIZES)}")

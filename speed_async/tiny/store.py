@@ -1,5 +1,5 @@
-"""Where the tiny models come from: the copies shipped in the package (`builtin:tiny`, `builtin:tiny-long`), or a
-build from a recipe.
+"""Where the tiny models come from: the copies shipped in the package (`builtin:tiny`, `builtin:tiny-long`,
+`builtin:tiny-countdown`), or a build from a recipe.
 
 ```
  speed_async/tiny/model_files/          the model built by the pinned default recipe on an AVX2 machine: tokenizer,
@@ -7,6 +7,8 @@ build from a recipe.
  speed_async/tiny/manifest.json         {"recipe_digest": ..., "files": {name: sha256}} of those files
  speed_async/tiny/model_files_long/     `builtin:tiny-long`: that model warm-started further on the long-tail sums
  speed_async/tiny/manifest_long.json    (speed_async.tiny.longstart), and its manifest
+ speed_async/tiny/model_files_countdown/    `builtin:tiny-countdown`: that model warm-started further on the
+ speed_async/tiny/manifest_countdown.json   Countdown task (speed_async.tiny.countdownstart), and its manifest
 ```
 `ensure_tiny_model()` returns the shipped directory after checking every file against the manifest, so that
 `make run` and `make test` start from the same bytes on every machine: a build, pinned to AVX2 arithmetic or
@@ -35,11 +37,20 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "model_files"
 MANIFEST = SHIPPED_DIR.parent / "manifest.json"
 SHIPPED_LONG_DIR = SHIPPED_DIR.parent / "model_files_long"
 MANIFEST_LONG = SHIPPED_DIR.parent / "manifest_long.json"
+SHIPPED_COUNTDOWN_DIR = SHIPPED_DIR.parent / "model_files_countdown"
+MANIFEST_COUNTDOWN = SHIPPED_DIR.parent / "manifest_countdown.json"
 BUILTIN_MODELS: dict[str, tuple[Path, Path]] = {
     "builtin:tiny": (SHIPPED_DIR, MANIFEST),
     "builtin:tiny-long": (SHIPPED_LONG_DIR, MANIFEST_LONG),
+    "builtin:tiny-countdown": (SHIPPED_COUNTDOWN_DIR, MANIFEST_COUNTDOWN),
 }
 """The shipped models by name: (directory, manifest)."""
+_REBUILD: dict[Path, str] = {
+    MANIFEST: "speed-async make-tiny --out DIR",
+    MANIFEST_LONG: "python -m speed_async.tiny.longstart DIR",
+    MANIFEST_COUNTDOWN: "python -m speed_async.tiny.countdownstart DIR",
+}
+"""How to rebuild each shipped model from its recipe, by manifest."""
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 """The files that make the model (build_info.json, also shipped and checked, records how it was built)."""
 
@@ -87,9 +98,8 @@ def verify_model_dir(model_dir: Path, manifest: dict, manifest_path: Path = MANI
             if digest == want:
                 continue
             got = f"has sha256 {digest}, the manifest {manifest_path} says {want}"
-        long = manifest_path == MANIFEST_LONG
-        shipped = "model_files_long" if long else "model_files"
-        rebuild = "python -m speed_async.tiny.longstart DIR" if long else "speed-async make-tiny --out DIR"
+        shipped = next((d.name for d, m in BUILTIN_MODELS.values() if m == Path(manifest_path)), SHIPPED_DIR.name)
+        rebuild = _REBUILD.get(Path(manifest_path), _REBUILD[MANIFEST])
         raise ValueError(
             f"the shipped tiny model's file {path} {got}: the installed copy is damaged or was changed. Reinstall "
             f"speed-async (in a checkout: `git checkout speed_async/tiny/{shipped}`), or rebuild a model from the "
@@ -107,8 +117,9 @@ def shipped_model_dir(name: str = "builtin:tiny") -> Path:
 
 
 def resolve_builtin(path: str) -> Path | None:
-    """The checked directory of a shipped model named `path` (`builtin:tiny`, `builtin:tiny-long`); None for a path
-    that does not start with ``builtin:``; ValueError naming the allowed names for an unknown ``builtin:`` one."""
+    """The checked directory of a shipped model named `path` (`builtin:tiny`, `builtin:tiny-long`,
+    `builtin:tiny-countdown`); None for a path that does not start with ``builtin:``; ValueError naming the allowed
+    names for an unknown ``builtin:`` one."""
     if not path.startswith("builtin:"):
         return None
     return shipped_model_dir(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
+from pathlib import Path
 
 import pytest
 
@@ -104,10 +105,10 @@ def test_splits_are_deterministic_disjoint_and_solved_by_their_solutions(splits:
     assert (len(train), len(test)) == (10000, 500)
     assert load_split("test") == test
     key = lambda r: (tuple(sorted(r.extra["numbers"])), r.ground_truth)  # noqa: E731
-    assert len({key(r) for r in train}) == len(train) and not {key(r) for r in train} & {key(r) for r in test}
-    # Test: 500 / 5 levels; train: weights 1:1:2:2:2 of 10000 = 1250, 1250, 2500, 2500, 2500.
+    assert len({key(r) for r in test}) == len(test) and not {key(r) for r in train} & {key(r) for r in test}
+    # Test: 500 / 5 levels; train: weights 1:1:2:3:3 of 10000 = 1000, 1000, 2000, 3000, 3000.
     assert collections.Counter(r.extra["level"] for r in test) == dict.fromkeys(range(1, 6), 100)
-    assert collections.Counter(r.extra["level"] for r in train) == {1: 1250, 2: 1250, 3: 2500, 4: 2500, 5: 2500}
+    assert collections.Counter(r.extra["level"] for r in train) == {1: 1000, 2: 1000, 3: 2000, 4: 3000, 5: 3000}
     for record in train[:2000] + test:
         level = LEVELS[record.extra["level"] - 1]
         numbers, target = parse_problem(record.prompt)
@@ -125,3 +126,13 @@ def test_builtin_source_names() -> None:
     assert first.data_source == "countdown" and first.source == "countdown/test/seed0"
     with pytest.raises(ValueError, match=r"builtin:countdown/hard: split='hard' is not allowed.*countdown/<train"):
         read_prompt_file("builtin:countdown/hard")
+
+
+def test_the_countdown_config_prompts_as_the_warm_start_was_trained() -> None:
+    from speed_async.config import load_config
+    from speed_async.data.countdown import INSTRUCTION
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu-countdown.toml")
+    assert config.data.prompt_suffix == INSTRUCTION and config.model.path == "builtin:tiny-countdown"
+    assert config.data.train_files == ("builtin:countdown/train",) and config.reward.functions == {}
+    assert config.data.eval_files == ("builtin:countdown/test",)

@@ -68,12 +68,52 @@ def test_builtin_tiny_long_is_the_tiny_model_warm_started_on_the_sums(tmp_path: 
         store.verify_model_dir(copy, manifest, store.MANIFEST_LONG)
 
 
+def test_builtin_tiny_countdown_is_the_tiny_model_warm_started_on_countdown(tmp_path: Path) -> None:
+    from speed_async.data.countdown import INSTRUCTION
+    from speed_async.tiny.countdownstart import CountdownRecipe
+
+    model_dir = store.resolve_builtin("builtin:tiny-countdown")
+    assert model_dir == store.SHIPPED_COUNTDOWN_DIR == store.shipped_model_dir("builtin:tiny-countdown")
+    manifest = store.read_manifest(store.MANIFEST_COUNTDOWN)
+    assert manifest["recipe_digest"] == CountdownRecipe().digest(), "the shipped model must be the current recipe's"
+    assert sorted(manifest["files"]) == sorted(p.name for p in model_dir.iterdir())
+    info = json.loads((model_dir / "build_info.json").read_text())
+    assert info["recipe"]["base_digest"] == store.read_manifest()["recipe_digest"] == TinyRecipe().digest()
+    assert info["prompt_suffix"] == INSTRUCTION and info["numerics"]["cpu_capability"] == "AVX2"
+    # The tiny model's tokenizer byte for byte, and its shape.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (model_dir / name).read_bytes() == (SHIPPED_DIR / name).read_bytes()
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["max_position_embeddings"] == 512 and config["hidden_size"] == 256
+    # The README's numbers: 200 held-out problems, n = 8 at temperature 1; a spread of pass rates (97 of 200
+    # prompts with some but not all samples correct).
+    assert (round(info["eval"]["sampled_accuracy"], 3), info["eval"]["greedy_accuracy"]) == (0.134, 0.225)
+    assert info["eval"]["pass_histogram"] == [103, 37, 26, 20, 9, 2, 2, 1, 0]
+    copy = tmp_path / "countdown"
+    shutil.copytree(model_dir, copy)
+    (copy / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"config\.json has sha256 .*model_files_countdown.*countdownstart DIR"):
+        store.verify_model_dir(copy, manifest, store.MANIFEST_COUNTDOWN)
+
+
+def test_model_path_resolves_every_shipped_model_and_refuses_other_names(tmp_path: Path) -> None:
+    from launcher.train import resolve_model
+
+    for name, (model_dir, _) in store.BUILTIN_MODELS.items():
+        assert resolve_model(name) == str(model_dir)
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ValueError, match=r"'builtin:tiny-huge' is invalid: allowed builtin models: .*tiny-countdown"):
+        resolve_model("builtin:tiny-huge")
+    with pytest.raises(ValueError, match=r"'/no/such/dir' is invalid: not a directory \(or one of"):
+        resolve_model("/no/such/dir")
+
+
 def test_the_package_data_ships_every_file_of_the_model() -> None:
     # What a regular (non-editable) install copies: pyproject's package-data globs must cover the model.
     globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["speed_async"]
     package = REPO / "speed_async"
-    shipped = {p.relative_to(package).as_posix() for d in (SHIPPED_DIR, store.SHIPPED_LONG_DIR) for p in d.iterdir()}
-    shipped |= {"tiny/manifest.json", "tiny/manifest_long.json"}
+    shipped = {p.relative_to(package).as_posix() for d, _ in store.BUILTIN_MODELS.values() for p in d.iterdir()}
+    shipped |= {m.relative_to(package).as_posix() for _, m in store.BUILTIN_MODELS.values()}
     covered = {p.relative_to(package).as_posix() for g in globs for p in package.glob(g)}
     assert shipped <= covered, sorted(shipped - covered)
 
