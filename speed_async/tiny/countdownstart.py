@@ -25,7 +25,6 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +38,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2ForCausalL
 from speed_async.data import countdown
 from speed_async.data.records import PromptRecord
 from speed_async.rewards.countdown import score_countdown
-from speed_async.tiny.warmstart import BUILD_TIMEOUT_S, _collate, _lr_factor, pinned_numerics, set_cpu_threads
+from speed_async.tiny.warmstart import (
+    _collate,
+    _generate,
+    fit,
+    pinned_numerics,
+    run_build_process,
+    set_cpu_threads,
+)
 
 COUNTDOWN_RECIPE_VERSION = "tiny-countdown-v1"
 """Bump when the Countdown task or the training code changes what the recipe builds."""
@@ -121,53 +127,17 @@ def warm_start(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, reci
     """Train `model` in place on the Countdown train split (loss on response tokens); returns the loss per step."""
     train = countdown.load_split("train", seed=recipe.seed)
     rng = random.Random(f"tiny-countdown-{recipe.seed}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
-    # _lr_factor reads only `steps` and `warmup_steps`, which this recipe has too.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))  # type: ignore[arg-type]
-    model.train()
-    losses = []
     started = time.monotonic()
-    for step in range(recipe.steps):
-        batch = _collate(_examples(tokenizer, rng.sample(train, recipe.batch_size)), tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+
+    def next_batch(step: int) -> dict[str, torch.Tensor]:
+        return _collate(_examples(tokenizer, rng.sample(train, recipe.batch_size)), tokenizer.pad_token_id)
+
+    def progress(step: int, losses: list[float]) -> None:
         if (step + 1) % PROGRESS_EVERY == 0:
             recent = sum(losses[-PROGRESS_EVERY:]) / PROGRESS_EVERY
             print(f"step {step + 1}/{recipe.steps} loss {recent:.4f} ({time.monotonic() - started:.0f} s)", flush=True)
-    model.eval()
-    return losses
 
-
-@torch.no_grad()
-def _generate(
-    model: Qwen2ForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    problems: list[str],
-    *,
-    n: int,
-    greedy: bool,
-    limit: int,
-) -> list[str]:
-    """n responses per problem (problem-major order), batched with left padding."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer([prompt_text(p) for p in problems], return_tensors="pt", padding=True)
-    out = model.generate(
-        **enc,
-        do_sample=not greedy,
-        temperature=None if greedy else 1.0,
-        top_p=None if greedy else 1.0,
-        top_k=None if greedy else 0,
-        num_return_sequences=n,
-        max_new_tokens=limit,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return fit(model, recipe, next_batch, progress)
 
 
 def evaluate(
@@ -187,8 +157,12 @@ def evaluate(
     for start in range(0, len(records), chunk_prompts):
         chunk = records[start : start + chunk_prompts]
         problems = [str(r.prompt) for r in chunk]
-        sampled = _generate(model, tokenizer, problems, n=n, greedy=False, limit=max_new_tokens)
-        greedy = _generate(model, tokenizer, problems, n=1, greedy=True, limit=max_new_tokens)
+        sampled = _generate(
+            model, tokenizer, problems, n=n, greedy=False, max_new_tokens=max_new_tokens, prompt=prompt_text
+        )
+        greedy = _generate(
+            model, tokenizer, problems, n=1, greedy=True, max_new_tokens=max_new_tokens, prompt=prompt_text
+        )
         for i, record in enumerate(chunk):
             scores = [score_countdown(s, record.ground_truth, record.extra) for s in sampled[i * n : (i + 1) * n]]
             passes.append(int(sum(s["score"] for s in scores)))
@@ -277,21 +251,10 @@ def build_tiny_countdown(out_dir: Path, base_dir: Path, recipe: CountdownRecipe 
 
 
 def _build_in_subprocess(out_dir: Path, base_dir: Path, recipe: CountdownRecipe, pins: dict[str, str]) -> None:
-    """`build_tiny_countdown` in ``python -m speed_async.tiny.countdownstart`` with `pins` set; RuntimeError with
-    the tail of its output when it fails or runs past BUILD_TIMEOUT_S."""
-    argv = [
-        sys.executable, "-m", "speed_async.tiny.countdownstart", str(out_dir), "--base", str(base_dir),
-        "--recipe", json.dumps(dataclasses.asdict(recipe)),
-    ]  # fmt: skip
-    try:
-        done = subprocess.run(
-            argv, env={**os.environ, **pins}, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as err:
-        raise RuntimeError(f"the tiny-countdown build into {out_dir} ran past {BUILD_TIMEOUT_S:.0f} s") from err
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-        raise RuntimeError(f"the tiny-countdown build into {out_dir} exited with code {done.returncode}:\n{tail}")
+    """`build_tiny_countdown` in ``python -m speed_async.tiny.countdownstart`` with `pins` set
+    (`run_build_process`)."""
+    args = ["--base", str(base_dir), "--recipe", json.dumps(dataclasses.asdict(recipe))]
+    run_build_process("speed_async.tiny.countdownstart", "tiny-countdown", out_dir, args, pins)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,12 +34,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2ForCausalL
 from speed_async.data import sums
 from speed_async.data.records import PromptRecord
 from speed_async.tiny.warmstart import (
-    BUILD_TIMEOUT_S,
     _collate,
-    _lr_factor,
     evaluate,
+    fit,
     pinned_numerics,
     prompt_text,
+    run_build_process,
     set_cpu_threads,
 )
 
@@ -102,25 +101,17 @@ def warm_start(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, reci
     for record in sums.load_split("train", seed=recipe.seed):
         pools.setdefault(int(record.extra["level"]), []).append(record)
     rng = random.Random(f"tiny-long-{recipe.seed}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
-    # _lr_factor reads only `steps` and `warmup_steps`, which this recipe has too.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))  # type: ignore[arg-type]
-    model.train()
-    losses = []
-    for step in range(recipe.steps):
-        level = rng.choice(sorted(pools))
-        batch = _collate(_examples(tokenizer, rng.sample(pools[level], recipe.batch_size)), tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+    levels: list[int] = []
+
+    def next_batch(step: int) -> dict[str, torch.Tensor]:
+        levels.append(rng.choice(sorted(pools)))
+        return _collate(_examples(tokenizer, rng.sample(pools[levels[-1]], recipe.batch_size)), tokenizer.pad_token_id)
+
+    def progress(step: int, losses: list[float]) -> None:
         if step % 50 == 0:
-            print(f"step {step} level {level} loss {loss.item():.4f}", flush=True)
-    model.eval()
-    return losses
+            print(f"step {step} level {levels[-1]} loss {losses[-1]:.4f}", flush=True)
+
+    return fit(model, recipe, next_batch, progress)
 
 
 def build_tiny_long(out_dir: Path, base_dir: Path, recipe: LongRecipe | None = None) -> Path:
@@ -178,21 +169,9 @@ def build_tiny_long(out_dir: Path, base_dir: Path, recipe: LongRecipe | None = N
 
 
 def _build_in_subprocess(out_dir: Path, base_dir: Path, recipe: LongRecipe, pins: dict[str, str]) -> None:
-    """`build_tiny_long` in ``python -m speed_async.tiny.longstart`` with `pins` set; RuntimeError with the tail of
-    its output when it fails or runs past BUILD_TIMEOUT_S."""
-    argv = [
-        sys.executable, "-m", "speed_async.tiny.longstart", str(out_dir), "--base", str(base_dir),
-        "--recipe", json.dumps(dataclasses.asdict(recipe)),
-    ]  # fmt: skip
-    try:
-        done = subprocess.run(
-            argv, env={**os.environ, **pins}, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as err:
-        raise RuntimeError(f"the tiny-long build into {out_dir} ran past {BUILD_TIMEOUT_S:.0f} s") from err
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-        raise RuntimeError(f"the tiny-long build into {out_dir} exited with code {done.returncode}:\n{tail}")
+    """`build_tiny_long` in ``python -m speed_async.tiny.longstart`` with `pins` set (`run_build_process`)."""
+    args = ["--base", str(base_dir), "--recipe", json.dumps(dataclasses.asdict(recipe))]
+    run_build_process("speed_async.tiny.longstart", "tiny-long", out_dir, args, pins)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,33 @@ def supervised_warm_start(
     return losses
 
 
+def fit(
+    model: Qwen2ForCausalLM,
+    recipe: Any,
+    next_batch: Callable[[int], dict[str, torch.Tensor]],
+    on_step: Callable[[int, list[float]], None] | None = None,
+) -> list[float]:
+    """The further warm starts' training loop (`longstart`, `countdownstart`): AdamW with `_lr_factor`'s schedule
+    over `recipe.steps` steps of `next_batch(step)`, gradients clipped at 1; `on_step(step, losses)` after each.
+    `recipe` needs lr, weight_decay, steps and warmup_steps. Leaves the model in eval mode; the loss per step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))
+    model.train()
+    losses: list[float] = []
+    for step in range(recipe.steps):
+        loss = model(**next_batch(step)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses)
+    model.eval()
+    return losses
+
+
 @torch.no_grad()
 def _generate(
     model: Qwen2ForCausalLM,
@@ -212,10 +239,12 @@ def _generate(
     n: int,
     greedy: bool,
     max_new_tokens: int,
+    prompt: Callable[[str], str] = prompt_text,
 ) -> list[str]:
-    """n responses per problem (problem-major order), batched with left padding."""
+    """n responses per problem (problem-major order), each problem rendered by `prompt`, batched with left
+    padding."""
     tokenizer.padding_side = "left"
-    enc = tokenizer([prompt_text(p) for p in problems], return_tensors="pt", padding=True)
+    enc = tokenizer([prompt(p) for p in problems], return_tensors="pt", padding=True)
     out = model.generate(
         **enc,
         do_sample=not greedy,
@@ -328,20 +357,28 @@ def build_tiny(out_dir: Path, *, seed: int = 0, steps: int | None = None, recipe
 
 
 def _build_in_subprocess(out_dir: Path, recipe: TinyRecipe, pins: dict[str, str]) -> None:
-    """`build_tiny(out_dir, recipe=recipe)` in ``python -m speed_async.tiny.warmstart`` with `pins` set.
+    """`build_tiny(out_dir, recipe=recipe)` in ``python -m speed_async.tiny.warmstart`` with `pins` set."""
+    run_build_process(
+        "speed_async.tiny.warmstart", "tiny-model", out_dir, [json.dumps(dataclasses.asdict(recipe))], pins
+    )
 
-    Raises RuntimeError with the tail of the build's output when it fails or runs past BUILD_TIMEOUT_S.
+
+def run_build_process(module: str, what: str, out_dir: Path, args: Sequence[str], pins: dict[str, str]) -> None:
+    """``python -m <module> <out_dir> <args>`` with the environment `pins` set (the builds' pinned numerics).
+
+    Raises RuntimeError naming the `what` build and `out_dir`, with the tail of its output, when it fails or runs
+    past BUILD_TIMEOUT_S.
     """
-    argv = [sys.executable, "-m", "speed_async.tiny.warmstart", str(out_dir), json.dumps(dataclasses.asdict(recipe))]
+    argv = [sys.executable, "-m", module, str(out_dir), *args]
     try:
         done = subprocess.run(
             argv, env={**os.environ, **pins}, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired as err:
-        raise RuntimeError(f"the tiny-model build into {out_dir} ran past {BUILD_TIMEOUT_S:.0f} s") from err
+        raise RuntimeError(f"the {what} build into {out_dir} ran past {BUILD_TIMEOUT_S:.0f} s") from err
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-        raise RuntimeError(f"the tiny-model build into {out_dir} exited with code {done.returncode}:\n{tail}")
+        raise RuntimeError(f"the {what} build into {out_dir} exited with code {done.returncode}:\n{tail}")
 
 
 def recipe_from_dict(values: dict[str, Any]) -> TinyRecipe:

@@ -160,6 +160,14 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+def _kill_run(launcher: subprocess.Popen, run_dir: Path) -> None:
+    """A test's cleanup: if the run still goes, SIGKILL the launcher and every process group it started."""
+    if launcher.poll() is None:
+        _signal(launcher.pid, signal.SIGKILL)
+        for pid in _pids(run_dir).values():
+            _signal(pid, signal.SIGKILL)
+
+
 def _events(run_dir: Path) -> list[dict]:
     path = run_dir / "samplers.jsonl"
     out = []
@@ -251,10 +259,7 @@ def _soak_with_kills(tmp_path: Path, run_dir: Path, model: Path) -> None:
                 )
         code = launcher.wait(timeout=600)
     finally:
-        if launcher.poll() is None:
-            _signal(launcher.pid, signal.SIGKILL)
-            for pid in _pids(run_dir).values():
-                _signal(pid, signal.SIGKILL)
+        _kill_run(launcher, run_dir)
     out = (tmp_path / "launcher.log").read_text(errors="replace")
     assert code == 0, f"the soak run reaches its last step:\n{out[-4000:]}"
     for n, pid in enumerate(killed, start=1):

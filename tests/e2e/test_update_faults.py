@@ -27,7 +27,7 @@ import pytest
 
 from speed_async.metrics import read_metrics
 from tests.e2e.harness import REPO, check_accounting
-from tests.e2e.test_faults import _env, _holds_work, _ledger, _pids, _signal, _wait
+from tests.e2e.test_faults import _env, _holds_work, _kill_run, _ledger, _pids, _signal, _wait
 
 pytestmark = pytest.mark.e2e
 
@@ -96,10 +96,7 @@ def test_sampler_killed_while_paused_in_a_weight_update_loses_nothing(tmp_path: 
         _signal(victim, signal.SIGKILL)
         code = launcher.wait(timeout=600)
     finally:
-        if launcher.poll() is None:
-            _signal(launcher.pid, signal.SIGKILL)
-            for pid in _pids(run_dir).values():
-                _signal(pid, signal.SIGKILL)
+        _kill_run(launcher, run_dir)
     out = (tmp_path / "launcher.log").read_text(errors="replace")
     assert code == 0, f"the run reaches its last step:\n{out[-4000:]}"
     assert in_flight > 0, f"sampler 1 held no requests when it paused for v{version}:\n{killed_log[-2000:]}"
