@@ -82,12 +82,12 @@ class RolloutConfig:
     max_num_seqs: int = 0
     """Sequences the engine runs per step (vLLM's max_num_seqs; 0: vLLM's default, 256 on CPU). The sampler keeps
     this many requests in flight when the dispatcher has work for it."""
-    weight_update_mode: Literal["keep", "wait", "abort"] = "keep"
-    """What requests in flight do when new weights arrive: `keep`: pause, load, resume: they continue under the
-    new weights (their KV recomputed; each response records the oldest and newest version that generated it);
-    `wait`: no new requests until those in flight finish, then load; `abort`: drop them (the prompts go back to
-    the dispatcher, ledger `reissued`), then load. Work that the bound already rules out is dropped in every
-    mode."""
+    weight_update_mode: Literal["keep", "wait", "abort"] = "wait"
+    """What requests in flight do when new weights arrive: `wait` (the default, fastest in
+    benchmarks/update_modes.py): no new requests until those in flight finish, then load; `keep`: pause, load,
+    resume: they continue under the new weights (their KV recomputed; each response records the oldest and
+    newest version that generated it); `abort`: drop them (the prompts go back to the dispatcher, ledger
+    `reissued`), then load. Work that the bound already rules out is dropped in every mode."""
 
     def __post_init__(self) -> None:
         _require(self.n >= 1, "rollout.n", self.n, "must be >= 1")
