@@ -2,7 +2,8 @@
 
 The pipeline adds what a sampler does beyond generation: SPEED bookkeeping, decoding, Math-Verify scoring in
 worker processes, msgpack encoding and the ZeroMQ send. Both arms generate `--n` samples for the same
-`--prompts` held-out arithmetic prompts (plain groups, no screening, so the token counts are comparable),
+`--prompts` held-out arithmetic prompts `--rounds` times (plain groups, no screening, so the token counts are
+comparable): the bare engine in one `generate` call, the pipeline fed as it asks for work (one drain at the end each),
 each in its own fresh process, with the engine pinned as `speed-async train` pins a sampler's (one thread on
 `--engine-cores`, default the last core) and, in the pipeline, its reward workers on the other cores (as the
 launcher's CPU plan puts them). Prints a table, then one JSON line with `pipeline_over_bare`.
@@ -46,11 +47,11 @@ def bare(model: str, count: int, n: int, max_tokens: int, rounds: int) -> dict[s
     engine = Engine(model, dtype="float32", max_model_len=256, enforce_eager=True)
     settings = SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=None)
     engine.generate(prompts[:4], [n] * 4, settings)  # warm-up
-    tokens, start = 0, time.perf_counter()
-    for _ in range(rounds):
-        out = engine.generate(prompts, [n] * len(prompts), settings)
-        tokens += sum(len(c.token_ids) for comps in out for c in comps)
+    # Every round's prompts in one call: the engine stays full until the one tail at the end, its best case.
+    start = time.perf_counter()
+    out = engine.generate(prompts * rounds, [n] * (len(prompts) * rounds), settings)
     seconds = time.perf_counter() - start
+    tokens = sum(len(c.token_ids) for comps in out for c in comps)
     engine.close()
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
@@ -83,7 +84,10 @@ def pipeline(
                  num_screen=n, num_continue=0)
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
     ]  # fmt: skip
-    # Round 0 is the warm-up (engine and reward workers start); rounds 1..rounds are timed.
+    # Round 0 is the warm-up (engine and reward workers start), handed alone. Rounds 1..rounds are timed from the
+    # moment the warm-up's last group arrives, and each is handed as soon as the sampler asks for work (as a
+    # dispatcher would), so the engine is fed across round boundaries and drains once, at the end, like the
+    # bare engine's one call.
     handed, received, tokens, start = 0, 0, 0, None
     identity = b""
     try:
@@ -92,7 +96,7 @@ def pipeline(
             if got is not None:
                 identity, msg = got
                 if isinstance(msg, WorkRequest):
-                    if handed <= rounds and handed * count <= received:
+                    if handed == 0 or (1 <= handed <= rounds and received >= count):
                         epoch_items = [
                             WorkItem(**{**{f: getattr(it, f) for f in it.__dataclass_fields__}, "epoch": handed})
                             for it in items
