@@ -6,7 +6,8 @@ worker processes, msgpack encoding and the ZeroMQ send. Both arms generate `--n`
 comparable): the bare engine in one `generate` call, the pipeline fed as it asks for work (one drain at the end each),
 each in its own fresh process, with the engine pinned as `speed-async train` pins a sampler's (one thread on
 `--engine-cores`, default the last core) and, in the pipeline, its reward workers on the other cores (as the
-launcher's CPU plan puts them). Prints a table, then one JSON line with `pipeline_over_bare`.
+launcher's CPU plan puts them). `--repeats` pairs, alternating; prints a table, then one JSON line with
+`pipeline_over_bare`, the median of the pairs' ratios.
 
     python benchmarks/sampler_throughput.py [--quick]
 """
@@ -131,11 +132,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="bare / pipeline pairs; the median ratio is reported")
     parser.add_argument("--engine-cores", default=None, help="cores of the engine (default: the last core)")
     parser.add_argument("--arm", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.rounds = 32, 2
+        args.prompts, args.rounds, args.repeats = 32, 2, 1
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -155,31 +157,35 @@ def main() -> None:
         print(json.dumps(pipeline(args.model, args.prompts, args.n, args.max_tokens, args.rounds, args.engine_cores,
                                   reward_cores)))  # fmt: skip
         return
+    import statistics
     import subprocess
 
-    results = {}
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": args.engine_cores}
-    for arm in ("bare", "pipeline"):
-        argv = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--prompts", str(args.prompts),
-                "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds),
-                "--engine-cores", args.engine_cores]  # fmt: skip
-        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=1200, env=env)
-        results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
-    ratio = results["pipeline"]["tokens_per_s"] / results["bare"]["tokens_per_s"]
+    runs: dict[str, list[dict[str, float]]] = {"bare": [], "pipeline": []}
+    for _ in range(args.repeats):  # the arms alternate, so a drift of the machine hits both alike
+        for arm in runs:
+            argv = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--prompts", str(args.prompts),
+                    "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds),
+                    "--engine-cores", args.engine_cores]  # fmt: skip
+            out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=1200, env=env)
+            runs[arm].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ratios = [p["tokens_per_s"] / b["tokens_per_s"] for b, p in zip(runs["bare"], runs["pipeline"], strict=True)]
+    ratio = statistics.median(ratios)
     print(
         f"sampler throughput: {args.prompts} prompts x n={args.n}, <= {args.max_tokens} tokens, {args.rounds} rounds, "
-        f"engine on core(s) {args.engine_cores}, reward workers on {reward_cores}"
+        f"{args.repeats} repeats, engine on core(s) {args.engine_cores}, reward workers on {reward_cores}"
     )
     print_table(
-        ["arm", "tokens", "seconds", "tokens/s"],
-        [[arm, r["tokens"], r["seconds"], r["tokens_per_s"]] for arm, r in results.items()],
+        ["repeat", "arm", "tokens", "seconds", "tokens/s"],
+        [[i, arm, r["tokens"], r["seconds"], r["tokens_per_s"]] for arm, rs in runs.items() for i, r in enumerate(rs)],
     )
-    print(f"pipeline / bare = {ratio:.3f}")
+    print(f"pipeline / bare per repeat: {', '.join(f'{r:.3f}' for r in ratios)}; median {ratio:.3f}")
     emit(
         {
             "benchmark": "sampler_throughput",
             "pipeline_over_bare": ratio,
-            **{f"{a}_tokens_per_s": r["tokens_per_s"] for a, r in results.items()},
+            "pipeline_over_bare_each": ratios,
+            **{f"{a}_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs) for a, rs in runs.items()},
             "args": vars(args),
             "machine": machine(),
         }
