@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -38,14 +37,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2ForCausalL
 from speed_async.data import countdown
 from speed_async.data.records import PromptRecord
 from speed_async.rewards.countdown import score_countdown
-from speed_async.tiny.warmstart import (
-    _collate,
-    _generate,
-    fit,
-    pinned_numerics,
-    run_build_process,
-    set_cpu_threads,
-)
+from speed_async.tiny.further import begin_build, build_main, finish_build
+from speed_async.tiny.warmstart import _collate, _generate, fit, set_cpu_threads
 
 COUNTDOWN_RECIPE_VERSION = "tiny-countdown-v1"
 """Bump when the Countdown task or the training code changes what the recipe builds."""
@@ -202,77 +195,31 @@ def build_tiny_countdown(out_dir: Path, base_dir: Path, recipe: CountdownRecipe 
     build_info.json (recipe, machine, date, timings, the held-out evaluation per level).
     """
     recipe = recipe or CountdownRecipe()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"out_dir={str(out_dir)!r} is not empty; build_tiny_countdown needs a new or empty directory")
-    base_info = json.loads((Path(base_dir) / "build_info.json").read_text())
-    if base_info["recipe_digest"] != recipe.base_digest:
-        raise ValueError(
-            f"base model {base_dir} was built by recipe {base_info['recipe_digest']}, CountdownRecipe.base_digest is "
-            f"{recipe.base_digest}: start from the shipped builtin:tiny"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pins = pinned_numerics()
-    if any(os.environ.get(name) != value for name, value in pins.items()):
-        _build_in_subprocess(out_dir, base_dir, recipe, pins)
-        return out_dir
-    started, started_cpu = time.monotonic(), time.process_time()
+    if not begin_build(out_dir, base_dir, recipe, module="speed_async.tiny.countdownstart", what="tiny-countdown"):
+        return Path(out_dir)
+    started = time.monotonic(), time.process_time()
     threads = set_cpu_threads()
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = Qwen2ForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     losses = warm_start(model, tokenizer, recipe)
-    train_seconds = time.monotonic() - started
+    train_seconds = time.monotonic() - started[0]
     print(f"trained in {train_seconds:.0f} s; evaluating", flush=True)
     held_out = countdown.load_split("test", seed=recipe.seed)[: recipe.eval_prompts]
     result = evaluate(
         model, tokenizer, held_out, n=recipe.eval_n, max_new_tokens=recipe.max_new_tokens, seed=recipe.seed
     )
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # the base's tokenizer, byte for byte
-        shutil.copyfile(Path(base_dir) / name, out_dir / name)
-    info: dict[str, Any] = {
-        "recipe": dataclasses.asdict(recipe),
-        "recipe_digest": recipe.digest(),
+    described = {
         "task": "builtin:countdown",
         "prompt_suffix": countdown.INSTRUCTION,
         "machine": machine(),
         "built_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "torch_threads": threads,
-        "numerics": {"env": pinned_numerics(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-        "train_seconds": round(train_seconds, 2),
-        "build_seconds": round(time.monotonic() - started, 2),
-        "build_cpu_seconds": round(time.process_time() - started_cpu, 2),
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-        "eval": dataclasses.asdict(result),
     }
-    (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out_dir
-
-
-def _build_in_subprocess(out_dir: Path, base_dir: Path, recipe: CountdownRecipe, pins: dict[str, str]) -> None:
-    """`build_tiny_countdown` in ``python -m speed_async.tiny.countdownstart`` with `pins` set
-    (`run_build_process`)."""
-    args = ["--base", str(base_dir), "--recipe", json.dumps(dataclasses.asdict(recipe))]
-    run_build_process("speed_async.tiny.countdownstart", "tiny-countdown", out_dir, args, pins)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Build into OUT_DIR from --base (default: the shipped builtin:tiny) with --recipe (JSON, default recipe)."""
-    import argparse
-
-    from speed_async.tiny.store import shipped_model_dir
-
-    parser = argparse.ArgumentParser(prog="python -m speed_async.tiny.countdownstart", description=main.__doc__)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--base", type=Path, default=None)
-    parser.add_argument("--recipe", default=None)
-    args = parser.parse_args(argv)
-    recipe = CountdownRecipe(**json.loads(args.recipe)) if args.recipe else CountdownRecipe()
-    build_tiny_countdown(args.out_dir, args.base or shipped_model_dir(), recipe)
-    print(f"built {args.out_dir}")
-    return 0
+    return finish_build(
+        out_dir, base_dir, model, recipe, described,
+        started=started, train_seconds=train_seconds, threads=threads, losses=losses, result=result,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(build_main(None, "speed_async.tiny.countdownstart", CountdownRecipe, build_tiny_countdown))

@@ -185,22 +185,11 @@ def supervised_warm_start(
     """Train `model` in place on the train split (loss on response tokens only); returns the loss per step."""
     train = load_split("train", seed=recipe.seed)
     rng = random.Random(recipe.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))
-    model.train()
-    losses = []
-    for _ in range(recipe.steps):
-        examples = _encode_examples(tokenizer, rng.sample(train, recipe.batch_size))
-        batch = _collate(examples, tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+
+    def next_batch(step: int) -> dict[str, torch.Tensor]:
+        return _collate(_encode_examples(tokenizer, rng.sample(train, recipe.batch_size)), tokenizer.pad_token_id)
+
+    return fit(model, recipe, next_batch)
 
 
 def fit(
@@ -209,8 +198,9 @@ def fit(
     next_batch: Callable[[int], dict[str, torch.Tensor]],
     on_step: Callable[[int, list[float]], None] | None = None,
 ) -> list[float]:
-    """The further warm starts' training loop (`longstart`, `countdownstart`): AdamW with `_lr_factor`'s schedule
-    over `recipe.steps` steps of `next_batch(step)`, gradients clipped at 1; `on_step(step, losses)` after each.
+    """The warm starts' training loop (`supervised_warm_start`, `longstart`, `countdownstart`): AdamW with
+    `_lr_factor`'s schedule over `recipe.steps` steps of `next_batch(step)`, gradients clipped at 1;
+    `on_step(step, losses)` after each.
     `recipe` needs lr, weight_decay, steps and warmup_steps. Leaves the model in eval mode; the loss per step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))

@@ -96,6 +96,28 @@ def test_builtin_tiny_countdown_is_the_tiny_model_warm_started_on_countdown(tmp_
         store.verify_model_dir(copy, manifest, store.MANIFEST_COUNTDOWN)
 
 
+def test_a_further_build_checks_its_directories_and_runs_where_the_numerics_are_pinned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from speed_async.tiny.countdownstart import CountdownRecipe
+    from speed_async.tiny.further import begin_build
+
+    kwargs = {"module": "speed_async.tiny.countdownstart", "what": "tiny-countdown"}
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("")
+    with pytest.raises(ValueError, match=r"is not empty; the tiny-countdown build needs a new or empty directory"):
+        begin_build(taken, SHIPPED_DIR, CountdownRecipe(), **kwargs)
+    other = CountdownRecipe(base_digest="0" * 12)
+    with pytest.raises(ValueError, match=r"CountdownRecipe\.base_digest is 000000000000: start from the shipped"):
+        begin_build(tmp_path / "new", SHIPPED_DIR, other, **kwargs)
+    assert not (tmp_path / "new").exists(), "nothing is created for a refused build"
+    for name, value in warmstart.pinned_numerics().items():  # this process already has the pins: build here
+        monkeypatch.setenv(name, value)
+    assert begin_build(tmp_path / "new", SHIPPED_DIR, CountdownRecipe(), **kwargs) is True
+    assert (tmp_path / "new").is_dir()
+
+
 def test_model_path_resolves_every_shipped_model_and_refuses_other_names(tmp_path: Path) -> None:
     from launcher.train import resolve_model
 
