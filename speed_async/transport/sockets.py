@@ -99,10 +99,15 @@ def load_shared_key(path: str | None) -> bytes | None:
 
 
 class Context:
-    """Owns one ZeroMQ context; ``close`` closes every socket made with it, then the context."""
+    """Owns one ZeroMQ context; ``close`` closes every socket made with it, then the context.
 
-    def __init__(self) -> None:
+    ``io_cpus``: the cores its I/O threads run on (default: the process's); a sampler keeps them off its engine's
+    core (see `speed_async.sampler.scoring`)."""
+
+    def __init__(self, io_cpus: set[int] | None = None) -> None:
         self.zmq = zmq.Context()
+        for cpu in sorted(io_cpus or ()):
+            self.zmq.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)  # before the first socket starts the I/O thread
 
     def close(self) -> None:
         """Close all sockets of this context (each lingers at most ``LINGER_MS``) and terminate it."""

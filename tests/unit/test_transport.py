@@ -1,6 +1,7 @@
 """Transport on real loopback sockets (tcp with port 0, and ipc): delivery, rejection, timeouts, binding rules."""
 
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ from speed_async.transport import (
     is_loopback,
     load_shared_key,
 )
+from tests.unit._threads import task_cpus, threads_named
 
 KEY = b"0123456789abcdef0123456789abcdef"
 pytestmark = pytest.mark.timeout(60)
@@ -314,3 +316,13 @@ def test_context_close_closes_its_sockets() -> None:
     context.close()
     assert time.monotonic() - start < 2.0
     assert pull._sock.closed and push._sock.closed and context.zmq.closed
+
+
+def test_context_io_threads_run_on_the_cores_asked_for() -> None:
+    last = max(os.sched_getaffinity(0))
+    with Context(io_cpus={last}) as context:
+        PushSocket(context, "tcp://127.0.0.1:1")  # the first socket starts the I/O thread
+        deadline = time.monotonic() + 5
+        while not (io := threads_named("ZMQbg/IO")) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the thread names itself once it runs
+        assert io and all(task_cpus(tid) == {last} for tid in io), [task_cpus(tid) for tid in io]
