@@ -21,7 +21,8 @@ weight-sync group without it. A (re)joining sampler gets no work before it holds
 it joined. A control message from a sampler the learner no longer counts is answered with `Rejoin`. With no
 sampler alive for `pipeline.rejoin_timeout_s`, `next_batch` raises `SamplersLost` and the learner stops
 after a checkpoint. Invalid frames and messages from unknown senders are dropped and counted
-(`transport/rejected/*` in metrics.jsonl); no message can stop the dispatcher.
+(`transport/rejected/*` in metrics.jsonl); no message can stop the dispatcher. The handling of each sampler
+message is `speed_async.orchestrator.inbox`.
 """
 
 from __future__ import annotations
@@ -41,31 +42,16 @@ from speed_async.curriculum.dispatch import DispatchState, Key
 from speed_async.curriculum.train_group import TrainGroup
 from speed_async.data.prepare import Prompt
 from speed_async.orchestrator.evaluation import EvalBook, EvalOutcome
+from speed_async.orchestrator.inbox import InboxMixin
 from speed_async.orchestrator.intake import TrainingBooks
 from speed_async.orchestrator.ledger import Ledger
-from speed_async.orchestrator.membership import SamplerInfo
 from speed_async.orchestrator.sampler_link import SamplerLink
 from speed_async.protocol import (
-    ContinueDecision,
-    EvalResult,
-    GroupDropped,
-    Heartbeat,
-    Hello,
-    Message,
-    NoWork,
-    RewardStats,
-    RolloutGroup,
-    ScreenReport,
     Shutdown,
-    SyncDone,
-    SyncFailed,
     UpdateWeights,
-    WorkAssignment,
-    WorkRequest,
 )
 
 log = logging.getLogger("speed_async.dispatcher")
-NO_WORK_RETRY_S = 0.2
 
 
 class DispatcherError(RuntimeError):
@@ -80,8 +66,9 @@ class StopRequested(DispatcherError):
     """The launcher asked the learner to stop (e.g. a sampler exhausted its restarts)."""
 
 
-class Dispatcher:
-    """Runs in a daemon thread on learner rank 0; the train loop talks to it through thread-safe methods."""
+class Dispatcher(InboxMixin):
+    """Runs in a daemon thread on learner rank 0; the train loop talks to it through thread-safe methods; what it
+    does with each sampler message is `InboxMixin`'s (`speed_async.orchestrator.inbox`)."""
 
     def __init__(
         self,
@@ -344,105 +331,3 @@ class Dispatcher:
         if groups is not None:
             self._wanted_step = None
             self._batches.put((step, groups))
-
-    def _serve_sockets(self) -> bool:
-        # Results first: a sampler pushes its screening reports before it asks for more work, so the request
-        # is then answered with those prompts counted as qualified or rejected, not as still screening.
-        got = False
-        for _ in range(256):
-            msg = self.link.pull.recv(0.0)
-            if msg is None:
-                break
-            got = True
-            self._on_result(msg)
-        for _ in range(256):
-            item = self.link.router.recv(0.0)
-            if item is None:
-                break
-            got = True
-            self._on_control(*item)
-        if got:
-            self._try_batch()
-        new = self.link.transport_metrics()
-        if new != self.transport_metrics:
-            self.transport_metrics = new
-        return got
-
-    def _on_control(self, identity: bytes, msg: Message) -> None:
-        if isinstance(msg, Hello):
-            self.link.hello(identity, msg, max(self.state.version, self.min_work_version))
-            return
-        info = self.link.control_sender(identity, msg)
-        if info is None:
-            return
-        sampler_id = info.sampler_id
-        if isinstance(msg, WorkRequest):
-            self._on_work_request(info, msg)
-        elif isinstance(msg, Heartbeat):
-            self.members.touch(sampler_id, version=msg.version, state=msg.state)
-            self.sampler_times = {**self.sampler_times, sampler_id: msg.times}
-        elif isinstance(msg, SyncDone):
-            self.members.touch(sampler_id, version=msg.version)
-            self.step_stats = {"weight_sync/reload_seconds": msg.seconds}
-        elif isinstance(msg, SyncFailed):
-            self.members.touch(sampler_id)
-            log.warning("%s failed weight sync (generation %d): %s", info.describe(), msg.generation, msg.error)
-            self.members.mark_sync_failed(sampler_id, msg.generation, msg.error)
-        else:
-            self.counters[f"unexpected_{type(msg).__name__}"] += 1
-
-    def _on_work_request(self, info: SamplerInfo, msg: WorkRequest) -> None:
-        self.members.touch(info.sampler_id, version=msg.version)
-        if msg.version < info.required_version:
-            reason = f"waiting for weights version {info.required_version}"
-            self.link.send(info, NoWork(retry_after_s=NO_WORK_RETRY_S, reason=reason))
-            return
-        keys, items = self.books.assign(msg.sampler_id, msg.version, msg.max_prompts)
-        if not keys:
-            self.link.send(info, NoWork(retry_after_s=NO_WORK_RETRY_S, reason="staleness bound"))
-            return
-        if self.link.send(info, WorkAssignment(items=items, version=self.state.version)):
-            self.books.dispatched(keys, msg.sampler_id, msg.version)
-        else:  # still in flight unless the failed send already declared the sampler lost
-            self.books.give_back(keys)
-
-    def _on_result(self, msg: Message) -> None:
-        if isinstance(msg, Heartbeat):
-            if self.link.result_sender(msg.sampler_id, version=msg.version, state=msg.state) is not None:
-                self.sampler_times = {**self.sampler_times, msg.sampler_id: msg.times}
-            return
-        if not isinstance(msg, ScreenReport | RolloutGroup | GroupDropped | EvalResult | RewardStats):
-            self.link.counters["unknown_sender"] += 1
-            return
-        if self.link.result_sender(msg.sampler_id) is None:
-            return
-        if isinstance(msg, RewardStats):  # counts, not progress
-            self.books.on_reward_stats(msg)
-            return
-        self.progress_at = time.monotonic()
-        if isinstance(msg, ScreenReport):
-            go = self.books.on_screen(msg)
-            if go is not None:
-                decision = ContinueDecision(prompt_id=msg.prompt_id, epoch=msg.epoch, go=go)
-                if not self.link.send_to(msg.sampler_id, decision) and go:
-                    # The sampler drops the screen when no answer comes (GroupDropped "no_decision").
-                    self.books.reissue((msg.epoch, msg.prompt_id), msg.sampler_id, "decision not sent")
-        elif isinstance(msg, RolloutGroup):
-            if not self.books.on_group(msg):
-                self.link.counters["bad_group"] += 1
-        elif isinstance(msg, GroupDropped):
-            self.books.on_dropped(msg)
-        else:
-            finished = self.evals.on_result(msg)
-            if finished is not None:
-                self._evals.put(finished)
-
-    def _check_liveness(self) -> None:
-        limit = self.config.pipeline.sampler_timeout_s
-        for info in self.members.silent(limit):
-            silent_for = time.monotonic() - info.last_seen
-            self._lose(
-                info.sampler_id,
-                f"silent for {silent_for:.1f} s (pipeline.sampler_timeout_s = {limit:g}; last heartbeat said "
-                f"{info.state!r}, version {info.version})",
-            )
