@@ -70,15 +70,15 @@ def field_types() -> dict[str, Any]:
 
 
 def field_docs() -> dict[str, str]:
-    """Docstring of every field (the string literal under it in schema.py), keyed by dotted name."""
+    """Docstring of every field (the string literal under it in schema.py or runtime.py), keyed by dotted name."""
     import ast
     import inspect
 
-    from speed_async.config import schema
+    from speed_async.config import runtime, schema
 
-    tree = ast.parse(inspect.getsource(schema))
+    nodes = [node for module in (schema, runtime) for node in ast.parse(inspect.getsource(module)).body]
     docs: dict[str, str] = {}
-    for node in tree.body:
+    for node in nodes:
         if not isinstance(node, ast.ClassDef) or not node.name.endswith("Config") or node.name == "Config":
             continue
         section = node.name.removesuffix("Config").lower()
