@@ -21,6 +21,7 @@ the engine 5-8% of its tokens/s (a thread waking 420 / 1,350 times a second: -5.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -31,6 +32,7 @@ from speed_async.curriculum.groups import Response
 from speed_async.rewards import RewardItem, RewardPool, SourceStats, effective_functions, overlong_penalty
 from speed_async.sampler.inflight import Stage
 
+log = logging.getLogger("speed_async.sampler")
 PUMP_WAIT_S = 0.005
 """Longest wait of the pump thread for a worker's answer before it polls anyway (deadlines, new items)."""
 
@@ -94,7 +96,12 @@ class Scorer:
     def _pump_loop(self) -> None:
         """Poll the pool while it holds unfinished items, so workers get their next item as they finish."""
         if self._pump_cpus:
-            os.sched_setaffinity(0, self._pump_cpus)  # this thread only (Linux: 0 is the calling thread)
+            try:
+                os.sched_setaffinity(0, self._pump_cpus)  # this thread only (Linux: 0 is the calling thread)
+            except OSError as err:  # scoring still works where it runs now, only a little slower
+                log.warning(
+                    "the reward pump thread stays on its cores: pinning it to %s failed: %s", self._pump_cpus, err
+                )
         try:
             while not self._closing.is_set():
                 if not self.pool.num_unfinished:

@@ -30,3 +30,17 @@ def test_the_reward_pump_thread_runs_on_the_cores_it_is_given() -> None:
         assert os.sched_getaffinity(0) == set(cores)  # the caller's own cores are left as they were
     finally:
         scorer.close()
+
+
+def test_a_pump_thread_that_cannot_be_pinned_says_so_and_keeps_running(caplog: pytest.LogCaptureFixture) -> None:
+    config = load_config(None, ["pipeline.reward_workers=1"])
+    scorer = Scorer(config, tokenizer=None, pump_cpus={4095})  # no such core: sched_setaffinity fails
+    try:
+        pump = next(t for t in threading.enumerate() if t.name == "reward-pump")
+        deadline = time.monotonic() + 5
+        while "pinning it to {4095} failed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "the reward pump thread stays on its cores: pinning it to {4095} failed" in caplog.text
+        assert pump.is_alive()
+    finally:
+        scorer.close()
