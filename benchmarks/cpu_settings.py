@@ -1,7 +1,8 @@
-"""CPU settings chosen by measurement: the engine's throughput by batch width (torch.compile against eager), and
-the learner's RL-step time by micro-batch token budget, on one core each (as `speed-async train` pins them).
+"""CPU settings chosen by measurement: the engine's throughput by batch width (torch.compile against eager, float32
+against bfloat16 weights), and the learner's RL-step time by micro-batch token budget (and in bfloat16 at the
+best budget), on one core each (as `speed-async train` pins them).
 
-Engine arm (one process per compile setting, pinned to the last core): the vLLM engine of the sampler
+Engine arm (one process per compile and dtype setting, pinned to the last core): the vLLM engine of the sampler
 (`speed_async.sampler.engine.Engine`, streaming API) keeps exactly `width` requests in flight (a finished one is
 replaced at once by a new one) for `--seconds` per width: tokens/s and milliseconds per engine step. This is what
 the continuous sampler does; its mean occupancy in a run is in `run_dir/sampler-<i>.json`
@@ -33,6 +34,7 @@ from benchmarks.common import emit, machine, print_table  # noqa: E402
 
 WIDTHS = (16, 32, 64, 128, 256)
 BUDGETS = (8192, 4096, 2048, 1024)
+ENGINE_ARMS = ("eager/float32", "compile/float32", "eager/bfloat16", "compile/bfloat16")
 
 
 def _prompts(model: str, count: int) -> list[np.ndarray]:
@@ -45,13 +47,13 @@ def _prompts(model: str, count: int) -> list[np.ndarray]:
     return [np.array(tokenizer.encode(render_prompt(r)), np.int32) for r in load_split("test")[:count]]
 
 
-def engine_arm(model: str, eager: bool, widths: list[int], seconds: float) -> list[dict[str, float]]:
+def engine_arm(model: str, eager: bool, dtype: str, widths: list[int], seconds: float) -> list[dict[str, float]]:
     """Tokens/s and ms per engine step with exactly `width` requests in flight, for each width."""
     from speed_async.sampler.engine import Engine, SamplingSettings
 
     prompts = _prompts(model, 256)
     started = time.perf_counter()
-    engine = Engine(model, dtype="float32", max_model_len=192, enforce_eager=eager, max_num_seqs=max(widths))
+    engine = Engine(model, dtype=dtype, max_model_len=192, enforce_eager=eager, max_num_seqs=max(widths))
     start_s = time.perf_counter() - started
     settings = SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=64, seed=None)
     engine.generate(prompts[:8], [4] * 8, settings)  # warm-up
@@ -77,8 +79,9 @@ def engine_arm(model: str, eager: bool, widths: list[int], seconds: float) -> li
     return [{**r, "start_s": start_s} for r in rows]
 
 
-def learner_arm(model: str, budget: int, repeats: int) -> dict[str, float]:
-    """Seconds of one RL step (and its forward / backward) with micro-batches of `budget` tokens."""
+def learner_arm(model: str, budget: int, dtype: str, repeats: int) -> dict[str, float]:
+    """Seconds of one RL step (and its forward / backward) with micro-batches of `budget` tokens, computing in
+    `dtype` (FSDP2 mixed precision for bfloat16, as `model.train_dtype`)."""
     import torch
 
     from speed_async.config import load_config
@@ -87,7 +90,8 @@ def learner_arm(model: str, budget: int, repeats: int) -> dict[str, float]:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29700 + budget % 97), RANK="0", WORLD_SIZE="1")
     torch.set_num_threads(1)
-    config = load_config(ROOT / "configs" / "tiny-cpu.toml", [f"algorithm.micro_batch_tokens={budget}"])
+    overrides = [f"algorithm.micro_batch_tokens={budget}", f"model.train_dtype={dtype}"]
+    config = load_config(ROOT / "configs" / "tiny-cpu.toml", overrides)
     prompts = _prompts(model, 16)
     rng = np.random.default_rng(0)
 
@@ -111,6 +115,7 @@ def learner_arm(model: str, budget: int, repeats: int) -> dict[str, float]:
     stats = [learner.train_step(groups(), 2 + i) for i in range(repeats)]
     return {
         "budget": budget,
+        "dtype": dtype,
         **{k: float(np.mean([s[f"seconds_{k}"] for s in stats])) for k in ("step", "forward", "backward")},
     }
 
@@ -144,36 +149,46 @@ def main() -> None:
     if args.quick:
         args.seconds, args.repeats = 2.0, 2
     if args.arm:  # child process: one arm, one JSON line
-        kind, value = args.arm.split(":")
+        kind, value, dtype = args.arm.split(":")
         if kind == "engine":
-            print(json.dumps(engine_arm(args.model, value == "eager", widths, args.seconds)))
+            print(json.dumps(engine_arm(args.model, value == "eager", dtype, widths, args.seconds)))
         else:
-            print(json.dumps(learner_arm(args.model, int(value), args.repeats)))
+            print(json.dumps(learner_arm(args.model, int(value), dtype, args.repeats)))
         return
     cores = sorted(os.sched_getaffinity(0))
     common = ["--model", args.model, "--seconds", str(args.seconds), "--repeats", str(args.repeats)]
     common += ["--quick"] if args.quick else []
-    engine = {mode: _child([*common, "--arm", f"engine:{mode}"], cores[-1]) for mode in ("eager", "compile")}
-    learner = [_child([*common, "--arm", f"learner:{b}"], cores[0]) for b in budgets]
-    engine_rows = [
-        [w["width"], f"{e['tokens_per_s']:.0f}", f"{e['ms_per_step']:.2f}", f"{w['tokens_per_s']:.0f}",
-         f"{w['ms_per_step']:.2f}"]
-        for e, w in zip(engine["eager"], engine["compile"], strict=True)
-    ]  # fmt: skip
-    engine_headers = ["width", "eager tok/s", "eager ms/step", "compile tok/s", "compile ms/step"]
-    print_table(engine_headers, engine_rows)
-    learner_rows = [[r["budget"], f"{r['step']:.3f}", f"{r['forward']:.3f}", f"{r['backward']:.3f}"] for r in learner]
-    learner_headers = ["micro_batch_tokens", "s/step", "forward s", "backward s"]
-    print_table(learner_headers, learner_rows)
+    engine = {arm: _child([*common, "--arm", f"engine:{arm.replace('/', ':')}"], cores[-1]) for arm in ENGINE_ARMS}
+    learner = [_child([*common, "--arm", f"learner:{b}:float32"], cores[0]) for b in budgets]
     best_budget = min(learner, key=lambda r: r["step"])
+    learner.append(_child([*common, "--arm", f"learner:{best_budget['budget']}:bfloat16"], cores[0]))
+    engine_rows = [
+        [rows[0]["width"], *(f"{r['tokens_per_s']:.0f} ({r['ms_per_step']:.2f})" for r in rows)]
+        for rows in zip(*engine.values(), strict=True)
+    ]
+    engine_headers = ["width", *(f"{arm} tok/s (ms/step)" for arm in engine)]
+    print_table(engine_headers, engine_rows)
+    learner_rows = [
+        [r["budget"], r["dtype"], f"{r['step']:.3f}", f"{r['forward']:.3f}", f"{r['backward']:.3f}"] for r in learner
+    ]
+    learner_headers = ["micro_batch_tokens", "dtype", "s/step", "forward s", "backward s"]
+    print_table(learner_headers, learner_rows)
+
+    def best(arm: str) -> float:
+        return max(r["tokens_per_s"] for r in engine[arm])
+
     result = {
         "benchmark": "cpu_settings",
         "engine": engine,
         "engine_start_s": {m: rows[0]["start_s"] for m, rows in engine.items()},
-        "compile_over_eager_best": max(r["tokens_per_s"] for r in engine["compile"])
-        / max(r["tokens_per_s"] for r in engine["eager"]),
+        "compile_over_eager_best": {
+            dtype: best(f"compile/{dtype}") / best(f"eager/{dtype}") for dtype in ("float32", "bfloat16")
+        },
+        "bfloat16_over_float32_best": max(best("eager/bfloat16"), best("compile/bfloat16"))
+        / max(best("eager/float32"), best("compile/float32")),
         "learner": learner,
         "best_micro_batch_tokens": best_budget["budget"],
+        "learner_bfloat16_over_float32": learner[-1]["step"] / best_budget["step"],
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine(),
     }
@@ -190,8 +205,9 @@ def _write(path: Path, eh: list[str], er: list, lh: list[str], lr: list, result:
     text = (
         "# CPU settings (benchmarks/cpu_settings.py)\n\n"
         f"Command: `python benchmarks/cpu_settings.py {' '.join(sys.argv[1:])}`\n\n"
-        f"## Engine: one core, `width` requests in flight\n\n{table(eh, er)}\n\n"
-        f"## Learner: one core, one RL step of 16 x 16 responses\n\n{table(lh, lr)}\n\n"
+        f"## Engine: one core, `width` requests in flight (arm = compile mode / weights dtype)\n\n{table(eh, er)}\n\n"
+        "## Learner: one core, one RL step of 16 x 16 responses (bfloat16: at the best float32 budget)\n\n"
+        f"{table(lh, lr)}\n\n"
         f"## JSON\n\n```\n{json.dumps(result, sort_keys=True)}\n```\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)

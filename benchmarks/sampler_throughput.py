@@ -7,10 +7,10 @@ comparable): the bare engine in one `generate` call, the pipeline fed as it asks
 each in its own fresh process, with the engine pinned as `speed-async train` pins a sampler's (one thread on
 `--engine-cores`, default the last core) and, in the pipeline, its reward workers on the other cores (as the
 launcher's CPU plan puts them). Both arms run eager (`--compile`: both with torch.compile, as the shipped
-configs' samplers run). `--repeats` pairs, alternating; prints a table, then one JSON line with
-`pipeline_over_bare`, the median of the pairs' ratios.
+configs' samplers run) with float32 weights (`--dtype bfloat16`: both in bfloat16). `--repeats` pairs,
+alternating; prints a table, then one JSON line with `pipeline_over_bare`, the median of the pairs' ratios.
 
-    python benchmarks/sampler_throughput.py [--quick] [--compile]
+    python benchmarks/sampler_throughput.py [--quick] [--compile] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ def _prompts(model: str, count: int) -> tuple[list[np.ndarray], list[str]]:
     return [np.array(tokenizer.encode(render_prompt(r)), np.int32) for r in records], [r.ground_truth for r in records]
 
 
-def bare(model: str, count: int, n: int, max_tokens: int, rounds: int, eager: bool) -> dict[str, float]:
+def bare(model: str, count: int, n: int, max_tokens: int, rounds: int, eager: bool, dtype: str) -> dict[str, float]:
     """Generation only, in this process."""
     from speed_async.sampler.engine import Engine, SamplingSettings
 
     prompts, _ = _prompts(model, count)
-    engine = Engine(model, dtype="float32", max_model_len=256, enforce_eager=eager)
+    engine = Engine(model, dtype=dtype, max_model_len=256, enforce_eager=eager)
     settings = SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=None)
     engine.generate(prompts[:4], [n] * 4, settings)  # warm-up
     # Every round's prompts in one call: the engine stays full until the one tail at the end, its best case.
@@ -59,7 +59,7 @@ def bare(model: str, count: int, n: int, max_tokens: int, rounds: int, eager: bo
 
 
 def pipeline(
-    model: str, count: int, n: int, max_tokens: int, rounds: int, cores: str, reward_cores: str, eager: bool
+    model: str, count: int, n: int, max_tokens: int, rounds: int, cores: str, reward_cores: str, eager: bool, dtype: str
 ) -> dict[str, float]:
     """A real sampler process fed by this process acting as the dispatcher; tokens counted on arrival."""
     from launcher.standalone import kill_group, start_sampler
@@ -73,7 +73,7 @@ def pipeline(
         [
             "curriculum.mode=none", f"rollout.n={n}", f"rollout.gen_batch_size={count}",
             f"rollout.max_response_length={max_tokens}", f"rollout.enforce_eager={str(eager).lower()}",
-            "data.max_prompt_length=192", "pipeline.reward_workers=1",
+            "data.max_prompt_length=192", "pipeline.reward_workers=1", f"model.engine_dtype={dtype}",
         ],
     )  # fmt: skip
     ctx = Context()
@@ -139,6 +139,7 @@ def main() -> None:
         "--compile", action="store_true", help="both arms with torch.compile (rollout.enforce_eager = false, as the "
         "shipped configs run) instead of eager",
     )  # fmt: skip
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both arms' weights")
     parser.add_argument("--arm", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -156,12 +157,13 @@ def main() -> None:
     reward_cores = ",".join(str(c) for c in cores if c not in engine) or args.engine_cores
     if args.arm == "bare":  # child process: one arm, one JSON line
         os.sched_setaffinity(0, engine)
-        print(json.dumps(bare(args.model, args.prompts, args.n, args.max_tokens, args.rounds, not args.compile)))
+        print(json.dumps(bare(args.model, args.prompts, args.n, args.max_tokens, args.rounds, not args.compile,
+                                args.dtype)))  # fmt: skip
         return
     if args.arm == "pipeline":  # this process plays the dispatcher, which runs in the learner, off the engine's core
         os.sched_setaffinity(0, {int(c) for c in reward_cores.split(",")})
         print(json.dumps(pipeline(args.model, args.prompts, args.n, args.max_tokens, args.rounds, args.engine_cores,
-                                  reward_cores, not args.compile)))  # fmt: skip
+                                  reward_cores, not args.compile, args.dtype)))  # fmt: skip
         return
     import statistics
     import subprocess
@@ -172,7 +174,8 @@ def main() -> None:
         for arm in runs:
             argv = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--prompts", str(args.prompts),
                     "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds),
-                    "--engine-cores", args.engine_cores] + (["--compile"] if args.compile else [])  # fmt: skip
+                    "--engine-cores", args.engine_cores, "--dtype", args.dtype]  # fmt: skip
+            argv += ["--compile"] if args.compile else []
             out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=1200, env=env)
             runs[arm].append(json.loads(out.stdout.strip().splitlines()[-1]))
     ratios = [p["tokens_per_s"] / b["tokens_per_s"] for b, p in zip(runs["bare"], runs["pipeline"], strict=True)]
@@ -180,7 +183,7 @@ def main() -> None:
     print(
         f"sampler throughput: {args.prompts} prompts x n={args.n}, <= {args.max_tokens} tokens, {args.rounds} rounds, "
         f"{args.repeats} repeats, engine on core(s) {args.engine_cores}, reward workers on {reward_cores}, "
-        f"{'torch.compile' if args.compile else 'eager'}"
+        f"{'torch.compile' if args.compile else 'eager'}, {args.dtype}"
     )
     print_table(
         ["repeat", "arm", "tokens", "seconds", "tokens/s"],

@@ -3,7 +3,9 @@ speed-async run.
 
 One process trains (HF `generate`, or TRL's colocated vLLM with `--use-vllm`), with the settings speed-async's
 config file gives (prompts per step, samples per prompt, learning rate and warm-up, AdamW weight decay, gradient
-clip, response length, temperature); beta 0 (no reference model), one optimizer step per batch (TRL then takes
+clip, response length, temperature) and in the precision the config gives the learner (`model.train_dtype`,
+`auto` resolved as speed-async's learner resolves it: `bf16=True`, HF's autocast, with the same attention choice);
+beta 0 (no reference model), one optimizer step per batch (TRL then takes
 pi_old from the training forward). A callback writes a snapshot of the model (HF format) every `--eval-every`
 steps and at the end; the time spent writing snapshots is left out of the training clock, and the run stops at
 the first step end past `--budget-s` seconds of training. Then the snapshots are evaluated with
@@ -69,6 +71,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from speed_async.config import load_config
+    from speed_async.learner.model import attention_implementation, compute_dtype
 
     config = load_config(ROOT / args.config, args.set)
     torch.manual_seed(args.seed)
@@ -77,7 +80,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     snaps = out / "snapshots"
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = compute_dtype(config.model, device) == "bfloat16"
+    attention = attention_implementation(config.model, device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=attention)
     rollout, optim = config.rollout, config.optim
     n = rollout.n + rollout.n_continue if config.curriculum.mode == "speed" else rollout.n
     n = args.num_generations or n
@@ -101,7 +107,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         max_steps=args.max_steps,
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,
+        bf16=bf16,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -123,7 +129,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     clock.start()
     trainer.train()
-    return {"steps": clock.steps, "snapshots": clock.snapshots, "threads": torch.get_num_threads(), "n": n}
+    precision = {"bf16": bf16, "attn_implementation": attention}
+    return {"steps": clock.steps, "snapshots": clock.snapshots, "threads": torch.get_num_threads(), "n": n, **precision}
 
 
 class _Clock:

@@ -6,8 +6,9 @@ same held-out prompts with the same evaluator settings (vLLM, mean@n at temperat
 left out of both training clocks: speed-async's in-run evaluations (`runs.eval_curve`), TRL's snapshots
 evaluated afterwards (`benchmarks/trl_peer.py`). speed-async runs its config file as shipped (SPEED-RLOO,
 k = 1, the CPU plan of `launcher.roles.cpu_plan`); TRL runs as a user would run it on this machine: HF
-`generate`, `use_cpu`, float32, beta 0, one optimizer step per batch. Tasks: the ladder
-(`configs/tiny-cpu.toml`) and the hard mix (`configs/tiny-cpu-hardmix.toml`).
+`generate`, `use_cpu`, beta 0, one optimizer step per batch, in the learner's precision of the config
+(`model.train_dtype`: with `auto`, bfloat16 autocast and eager attention on an AMX CPU, float32 elsewhere).
+Tasks: the ladder (`configs/tiny-cpu.toml`) and the hard mix (`configs/tiny-cpu-hardmix.toml`).
 
 Targets, per seed and task: gains of +2, +3, +4 points over each run's own step-0 accuracy (`--gains`), and
 acc0 + f x TRL's final gain for f in `--fractions`. Per target, the training seconds each system needed (its
@@ -80,6 +81,9 @@ def run_trl(config: str, model: str, out: Path, seed: int, args: argparse.Namesp
         sys.executable, str(ROOT / "benchmarks" / "trl_peer.py"), "--out", str(out), "--config", config,
         "--model", model, "--seed", str(seed), "--eval-n", str(args.eval_n), "--eval-prompts", str(args.eval_prompts),
     ]  # fmt: skip
+    # The same overrides on both sides: TRL's run reads the settings both share (learning rate, batch, response
+    # length) and its evaluator the engine's (dtype, temperature) from the config; the rest it ignores.
+    common += [arg for override in args.set for arg in ("--set", override)]
     train = [*common, "--budget-s", str(args.budget_s), "--eval-every", str(args.trl_eval_every)]
     if args.use_vllm:
         train.append("--use-vllm")
@@ -257,6 +261,7 @@ def main() -> None:
         "step_time_ratio": step,
         "targets_reached": {t: sum(r is not None for r in v) for t, v in ratios.items()},
         "targets_total": {t: len(v) for t, v in ratios.items()},
+        "precision": precision(base, tasks, seeds),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs_dir": str(base) if args.keep_runs or args.analyze else None,
         "minutes": round((time.time() - started) / 60, 1),
@@ -269,6 +274,26 @@ def main() -> None:
     if not (args.keep_runs or args.analyze):
         shutil.rmtree(base, ignore_errors=True)
     emit(result)
+
+
+def precision(base: Path, tasks: list[str], seeds: list[int]) -> dict[str, dict[str, object]]:
+    """Per task, the dtypes speed-async's learner and engine resolved to (from its run's logs) and TRL's precision
+    (from its trl_curve.json), of the first seed's runs."""
+    found: dict[str, dict[str, object]] = {}
+    for task in tasks:
+        ours, trl = base / f"{task}-ours-s{seeds[0]}", base / f"{task}-trl-s{seeds[0]}" / "trl_curve.json"
+        entry: dict[str, object] = {}
+        for role, pattern in (("learner", "learner computes in "), ("engine", "engine dtype ")):
+            for log in sorted((ours / "logs").glob(f"{'learner' if role == 'learner' else 'sampler'}*.log")):
+                line = next((x for x in log.read_text().splitlines() if pattern in x), None)
+                if line is not None:
+                    entry[f"speed_async_{role}"] = line.split(pattern, 1)[1].strip()
+                    break
+        if trl.is_file():
+            data = json.loads(trl.read_text())
+            entry["trl"] = {k: data.get(k) for k in ("bf16", "attn_implementation", "threads")}
+        found[task] = entry
+    return found
 
 
 def _write(path: Path, headers: list[str], rows: list, run_headers: list[str], runs: list, result: dict) -> None:

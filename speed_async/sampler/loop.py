@@ -108,6 +108,7 @@ class SamplerLoop(ChannelMixin, UpdatesMixin):
             enforce_eager=rollout.enforce_eager,
             max_num_seqs=rollout.max_num_seqs,
         )
+        log.info("engine dtype %s (model.engine_dtype = %s)", self.engine.dtype, config.model.engine_dtype)
         self.settings = SamplingSettings(
             temperature=rollout.temperature, top_p=rollout.top_p, max_tokens=rollout.max_response_length, seed=None
         )
