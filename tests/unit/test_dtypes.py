@@ -55,14 +55,14 @@ def test_learner_attention_is_eager_only_on_a_cpu_in_bfloat16() -> None:
     assert attention_implementation(auto, cpu) == ("eager" if native_bfloat16() else "sdpa")
     assert mixed_precision("float32") is None
     assert mixed_precision("bfloat16").param_dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="model.train_dtype = 'auto' is invalid"):
+    with pytest.raises(ValueError, match=r"model\.train_dtype = 'auto' is invalid"):
         mixed_precision("auto")  # resolved before it gets here
 
 
 def test_a_dtype_or_attention_that_does_not_exist_is_refused_by_field() -> None:
-    with pytest.raises(ValueError, match="model.train_dtype"):
+    with pytest.raises(ValueError, match=r"model\.train_dtype"):
         load_config(None, ["model.train_dtype=bf16"])
-    with pytest.raises(ValueError, match="model.attn_implementation"):
+    with pytest.raises(ValueError, match=r"model\.attn_implementation"):
         load_config(None, ["model.attn_implementation=flash"])
     shipped = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.toml", [])
     assert (shipped.model.train_dtype, shipped.model.engine_dtype) == ("auto", "auto")
