@@ -1,9 +1,11 @@
 """`auto` for the learner's and the engine's dtype: bfloat16 where the hardware computes it natively, else float32.
 
-Measured on this project's 2-core Sapphire Rapids (AMX) machine (benchmarks/results/cpu-settings_*): the vLLM
-engine generates 1.4-1.5x more tokens/s with bfloat16 weights, and the learner's RL step is about 1.8x shorter in
-bfloat16 (with eager attention: SDPA's CPU bfloat16 backward is 3-5x slower than its float32 one). A CPU without
-AMX emulates bfloat16 matrix products, so there `auto` keeps float32. On CUDA `auto` is bfloat16.
+Measured on this project's 2-core Sapphire Rapids (AMX) machine (README, Precision; benchmarks/results/
+cpu-settings_cpu-2core_2026-12-05.md): in 40-step training runs the learner's forward + backward took 1.60-1.65 s
+per RL step in bfloat16 against 2.24-2.41 s in float32 (with eager attention: SDPA's CPU bfloat16 backward took
+8x its float32 time), and the RL step 2.40 / 1.76 s against 3.77 / 2.82 s (hard mix / ladder) with the engine
+in bfloat16 as well. On a CPU without AMX `auto` keeps float32: none was measured here, and one without any
+bfloat16 instructions (AVX2, plain AVX-512) emulates them. On CUDA `auto` is bfloat16.
 """
 
 from __future__ import annotations

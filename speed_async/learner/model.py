@@ -77,7 +77,7 @@ def attention_implementation(model_config: ModelConfig, device: torch.device) ->
     """`model.attn_implementation` with `auto` resolved: eager on CPU in bfloat16, else sdpa.
 
     Measured on the 2-core AMX machine (tiny model, 2,048-token micro-batches, one thread): forward + backward in
-    bfloat16 took about 0.55x float32's time with eager attention and about 1.0x with SDPA, whose CPU bfloat16
+    bfloat16 took 0.55-0.80x float32's time with eager attention and 0.96-1.9x with SDPA, whose CPU bfloat16
     backward (flash attention) alone took 8x its float32 time.
     """
     if model_config.attn_implementation != "auto":
