@@ -283,12 +283,15 @@ def precision(base: Path, tasks: list[str], seeds: list[int]) -> dict[str, dict[
     for task in tasks:
         ours, trl = base / f"{task}-ours-s{seeds[0]}", base / f"{task}-trl-s{seeds[0]}" / "trl_curve.json"
         entry: dict[str, object] = {}
-        for role, pattern in (("learner", "learner computes in "), ("engine", "engine dtype ")):
-            for log in sorted((ours / "logs").glob(f"{'learner' if role == 'learner' else 'sampler'}*.log")):
-                line = next((x for x in log.read_text().splitlines() if pattern in x), None)
-                if line is not None:
-                    entry[f"speed_async_{role}"] = line.split(pattern, 1)[1].strip()
-                    break
+        for role, name, pattern in (
+            ("learner", "learner", "learner computes in "),
+            ("engine", "sampler-0", "engine dtype "),
+        ):
+            log = ours / "logs" / f"{name}.log"
+            lines = log.read_text().splitlines() if log.is_file() else []
+            line = next((x for x in lines if pattern in x), None)
+            if line is not None:
+                entry[f"speed_async_{role}"] = line.split(pattern, 1)[1].strip()
         if trl.is_file():
             data = json.loads(trl.read_text())
             entry["trl"] = {k: data.get(k) for k in ("bf16", "attn_implementation", "threads")}
