@@ -28,12 +28,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from speed_async.config.dtypes import resolve_dtype
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
 
 DEVICES = ("cpu", "cuda")
 FINISH_REASONS = ("stop", "length")
@@ -152,15 +155,54 @@ class Engine:
     # ---- streaming -----------------------------------------------------------------------------------------
     def submit(self, request_id: str, prompt: Sequence[int], settings: SamplingSettings) -> None:
         """Add one request: one sample of `prompt` (token ids), finished in a later `step`."""
+        self.submit_many([request_id], prompt, settings)
+
+    def submit_many(self, request_ids: Sequence[str], prompt: Sequence[int], settings: SamplingSettings) -> None:
+        """Add one request per id, each one sample of `prompt` (token ids), each finished in a later `step` on
+        its own. With `settings.seed`, request i samples with seed + i (as `generate` seeds the samples of one
+        prompt).
+
+        vLLM's input processing (validation, parameter cloning) costs about 0.3 ms per request on these CPUs,
+        and the sampler used to pay it once per sample: 8% of its time beside a 14-ms engine step (profiled,
+        benchmarks/results/sampler-throughput_cpu-2core_2026-12-05.md). Here it runs once per prompt and the
+        processed request is copied per id, which is how vLLM itself fans out a request with n > 1
+        (`LLMEngine.add_request`); each copy then goes the way `add_request` sends a single request.
+        """
+        from copy import copy
+
+        from vllm.inputs.engine import tokens_input
+
+        if not request_ids:
+            return
+        if len(prompt) == 0:
+            raise ValueError(f"submit: the prompt of request {request_ids[0]!r} is empty; it needs at least one token")
+        taken = [r for r in request_ids if r in self._unfinished]
+        if taken or len(set(request_ids)) != len(request_ids):
+            raise ValueError(f"submit: request ids {taken or list(request_ids)!r} are already in flight or repeated")
+        engine = self._engine
+        base = engine.input_processor.process_inputs(
+            request_ids[0],
+            tokens_input([int(t) for t in prompt]),
+            self._sampling_params(settings),
+            supported_tasks=engine.get_supported_tasks(),
+        )
+        copies = [copy(base) for _ in request_ids[1:]] + [base]  # copied before `base` gets its internal id
+        for i, (request_id, request) in enumerate(zip(request_ids, copies, strict=True)):
+            request.request_id = request_id
+            if settings.seed is not None and i:
+                request.sampling_params = copy(base.sampling_params)
+                request.sampling_params.seed = settings.seed + i
+            engine.input_processor.assign_request_id(request)
+            engine.output_processor.add_request(request, None, None, 0)
+            engine.engine_core.add_request(request)
+            self._unfinished.add(request_id)
+
+    def _sampling_params(self, settings: SamplingSettings) -> SamplingParams:
+        """One sample per request, its token log-probs, no text, the output only when it finishes."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        if len(prompt) == 0:
-            raise ValueError(f"submit: the prompt of request {request_id!r} is empty; it needs at least one token")
-        if request_id in self._unfinished:
-            raise ValueError(f"submit: request {request_id!r} is already in flight")
-        params = SamplingParams(
+        return SamplingParams(
             n=1,
             temperature=settings.temperature,
             top_p=settings.top_p,
@@ -171,8 +213,6 @@ class Engine:
             detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=[int(t) for t in prompt]), params)
-        self._unfinished.add(request_id)
 
     def step(self) -> list[tuple[str, Completion]]:
         """One engine step over every unfinished request; the (request id, completion) of those it finished."""

@@ -90,6 +90,27 @@ def test_same_seed_same_outputs_and_bad_input_rejected(engine: Engine) -> None:
         SamplingSettings(temperature=1.0, top_p=0.0, max_tokens=8, seed=None)
 
 
+def test_submit_many_streams_each_sample_as_generate_samples_them(engine: Engine) -> None:
+    """One processed prompt, copied per request id: sample i with seed + i, as `generate` seeds a prompt's
+    samples, each finished on its own; ids in flight or repeated are refused and nothing of the call is added."""
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=12, seed=11)
+    prompt = _prompts()[1]
+    expected = engine.generate([prompt], [3], settings)[0]
+    ids = ["s-a", "s-b", "s-c"]
+    engine.submit_many(ids, prompt, settings)
+    assert engine.num_unfinished == 3
+    with pytest.raises(ValueError, match=r"\['s-b'\] are already in flight"):
+        engine.submit_many(["s-d", "s-b"], prompt, settings)
+    with pytest.raises(ValueError, match="already in flight or repeated"):
+        engine.submit_many(["s-e", "s-e"], prompt, settings)
+    done: dict[str, Completion] = {}
+    while engine.num_unfinished:
+        done.update(engine.step())
+    assert sorted(done) == ids
+    got = [(done[i].token_ids.tolist(), done[i].logprobs.tolist(), done[i].finish_reason) for i in ids]
+    assert got == [(c.token_ids.tolist(), c.logprobs.tolist(), c.finish_reason) for c in expected]
+
+
 def test_finish_reasons_with_uniform_next_token_distribution(engine: Engine, hf_model: torch.nn.Module) -> None:
     """With the final norm's weight at 0 the last hidden state is 0, so every logit is 0 (Qwen2's lm_head
     has no bias) and each next token is uniform over the V = vocab_size rows: every behaviour log-prob is
