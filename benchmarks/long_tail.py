@@ -25,7 +25,7 @@ arm (`--steps` RL steps; median seconds per step over the steps after the first 
 Prints a table, then one JSON line with `continuous_over_batched` (tokens/s, summed over the segments) and
 `continuous_over_batched_cpu` (tokens per sampler CPU-second).
 
-    python benchmarks/long_tail.py [--quick]
+    python benchmarks/long_tail.py [--quick] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ BINS = 10
 """Occupancy over a segment: the mean in each tenth of its duration."""
 
 
-def _items(model: str, split: str, count: int, offset: int, epoch: int) -> list[Any]:
+def _items(model: str, split: str, count: int, offset: int, epoch: int, overrides: list[str]) -> list[Any]:
     """`count` prompts of builtin:sums/<split> from `offset`, as work items of `epoch`."""
     from transformers import AutoTokenizer
 
@@ -66,7 +66,7 @@ def _items(model: str, split: str, count: int, offset: int, epoch: int) -> list[
     from speed_async.data.templates import render_prompt
     from speed_async.protocol import WorkItem
 
-    rollout = load_config(CONFIG, []).rollout
+    rollout = load_config(CONFIG, overrides).rollout
     tokenizer = AutoTokenizer.from_pretrained(model)
     return [
         WorkItem(
@@ -81,7 +81,7 @@ def _items(model: str, split: str, count: int, offset: int, epoch: int) -> list[
 class Arm:
     """One sampler process and the sockets this process serves it on."""
 
-    def __init__(self, name: str, ctx: Any, model: str, work_dir: Path) -> None:
+    def __init__(self, name: str, ctx: Any, model: str, work_dir: Path, overrides: list[str]) -> None:
         from launcher.roles import SAMPLER_LOOP_ENV
         from launcher.standalone import start_sampler
         from speed_async.config import load_config
@@ -93,7 +93,7 @@ class Arm:
             "work": self.router.bind_endpoint("127.0.0.1", 0),
             "results": self.pull.bind_endpoint("127.0.0.1", 0),
         }
-        config = load_config(CONFIG, ["pipeline.reward_workers=1"])
+        config = load_config(CONFIG, [*overrides, "pipeline.reward_workers=1"])
         self.trace_dir = work_dir / name
         self.trace_dir.mkdir(parents=True)
         # The engine's threads on one core, the last, as a training run's sampler has them (launcher.roles);
@@ -206,20 +206,20 @@ def window_stats(trace: dict[str, Any], start: float, end: float, keys: set[str]
     }
 
 
-def sampler_part(model: str, segments: int, per_segment: int, warmup: int) -> dict[str, Any]:
+def sampler_part(model: str, segments: int, per_segment: int, warmup: int, overrides: list[str]) -> dict[str, Any]:
     """Both arms on the same prompt sets, alternating (A B B A ...); per-arm totals and per-segment stats."""
     from speed_async.transport import Context
 
     ctx = Context()
     work_dir = Path(tempfile.mkdtemp(prefix="bench-long-tail-"))
-    arms = {name: Arm(name, ctx, model, work_dir) for name in ARMS}
+    arms = {name: Arm(name, ctx, model, work_dir, overrides) for name in ARMS}
     windows: dict[str, list[tuple[float, float, set[str]]]] = {name: [] for name in ARMS}
     try:
-        warm = _items(model, "train", warmup, 0, epoch=0)
+        warm = _items(model, "train", warmup, 0, epoch=0, overrides=overrides)
         for name, arm in arms.items():
             arm.segment(warm, [a for n, a in arms.items() if n != name])  # engine start-up, first calls: untimed
         for seg in range(segments):
-            items = _items(model, "train", per_segment, warmup + seg * per_segment, epoch=1)
+            items = _items(model, "train", per_segment, warmup + seg * per_segment, epoch=1, overrides=overrides)
             keys = {f"{it.epoch}/{it.prompt_id}" for it in items}
             order = list(ARMS) if seg % 2 == 0 else list(reversed(ARMS))
             for name in order:
@@ -256,7 +256,7 @@ def sampler_part(model: str, segments: int, per_segment: int, warmup: int) -> di
     return out
 
 
-def rl_part(model: str, steps: int) -> dict[str, Any]:
+def rl_part(model: str, steps: int, overrides: list[str]) -> dict[str, Any]:
     """`speed-async train` at k = 1 with each arm's sampler; median seconds per RL step after the first two."""
     from benchmarks.runs import read_records, run_train
     from launcher.roles import SAMPLER_LOOP_ENV
@@ -267,7 +267,10 @@ def rl_part(model: str, steps: int) -> dict[str, Any]:
         os.environ[SAMPLER_LOOP_ENV] = loop
         try:
             info = run_train(
-                str(CONFIG), model, run_dir / "run", [f"trainer.total_steps={steps}", "pipeline.max_staleness=1"]
+                str(CONFIG),
+                model,
+                run_dir / "run",
+                [*overrides, f"trainer.total_steps={steps}", "pipeline.max_staleness=1"],
             )
         finally:
             del os.environ[SAMPLER_LOOP_ENV]
@@ -292,6 +295,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64, help="prompts per segment (from builtin:sums/train)")
     parser.add_argument("--warmup", type=int, default=16, help="untimed prompts per arm before the segments")
     parser.add_argument("--steps", type=int, default=14, help="RL steps per arm at k = 1 (0: skip part 2)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a config override for both arms, e.g. model.engine_dtype=auto or rollout.enforce_eager=false",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.segments, args.prompts, args.warmup, args.steps = 2, 48, 8, 6
@@ -304,8 +311,8 @@ def main() -> None:
 
         args.model = str(shipped_model_dir("builtin:tiny-long"))
     load_before = os.getloadavg()
-    sampler = sampler_part(args.model, args.segments, args.prompts, args.warmup)
-    rl = rl_part(args.model, args.steps) if args.steps else {}
+    sampler = sampler_part(args.model, args.segments, args.prompts, args.warmup, args.set)
+    rl = rl_part(args.model, args.steps, args.set) if args.steps else {}
     ratio = sampler["continuous"]["tokens_per_s"] / sampler["batched"]["tokens_per_s"]
     cpu_ratio = sampler["continuous"]["tokens_per_cpu_s"] / sampler["batched"]["tokens_per_cpu_s"]
     print(f"\nlong tail: builtin:sums, {args.segments} segment(s) x {args.prompts} prompts per arm, alternating")

@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from types import TracebackType
 from typing import Self
 
@@ -195,16 +195,17 @@ class RewardPool(WorkerSlots):
         """
         return self.take(self.submit(items))
 
-    def wait_for_answer(self, timeout_s: float) -> None:
-        """Block until a worker that holds an item has answered (then `poll` returns at once), at most `timeout_s`.
-        The pool's lock is not held meanwhile, so `submit` and `poll` from other threads proceed."""
+    def wait_for_answer(self, timeout_s: float, also: Sequence[Connection] = ()) -> None:
+        """Block until a worker that holds an item has answered (then `poll` returns at once), or one of the
+        connections `also` has something to read, at most `timeout_s`. The pool's lock is not held meanwhile, so
+        `submit` and `poll` from other threads proceed."""
         with self._lock:
             conns = [w.conn for w in self._workers if w.ticket is not None]
-        if not conns:
+        if not conns and not also:
             time.sleep(timeout_s)
             return
         with contextlib.suppress(OSError, ValueError):  # a worker replaced meanwhile: its connection closed
-            wait(conns, timeout_s)
+            wait([*conns, *also], timeout_s)
 
     @property
     def num_unfinished(self) -> int:

@@ -6,17 +6,17 @@
       └──Hello, WorkRequest, Heartbeat, SyncDone (DEALER)──── sampler loop ◄──────────────────┘
                                                                 │ each turn: messages, weights, work request,
           engine (in process): submit ──► step ──► finished ────┤ submit (continuations, evaluation, screens
-          reward pool (processes): submit ──► poll ──► scored ──┤ up to rollout.max_num_seqs), one engine
+          reward host (process): submit ──► poll ──► scored   ──┤ up to rollout.max_num_seqs), one engine
                                                                 │ step, hand finished samples to the reward
-  learner rank 0 (PULL) ◄──ScreenReport, RolloutGroup, GroupDropped, EvalResult (PUSH)──┘ pool, emit what
+  learner rank 0 (PULL) ◄──ScreenReport, RolloutGroup, GroupDropped, EvalResult (PUSH)──┘ host, emit what
   learner rank 0 ══ weight broadcast (sync group) ══► engine.receive_weights(v)  between two steps   completed
 ```
 Every screen, continuation and evaluation item is a request submitted as soon as it is known: a continuation
 as soon as the dispatcher answers its screen's report with `ContinueDecision(go=True)` (a few milliseconds; it
 declines a screen whose group no open batch slot awaits, and hands the prompt out again later), new screens
-whenever the engine has room. Scores come back from the worker
-processes while the engine runs the next steps, so scoring never stops the engine. A group is emitted the
-moment its last response is scored.
+whenever the engine has room. Scores come back from the reward host and its worker processes while the
+engine runs the next steps, so scoring never stops the engine (`speed_async.sampler.scoring`). A group is emitted
+the moment its last response is scored.
 
 What bounds the policy lag. The dispatcher hands out work only while it can still be trained within k
 versions. Weights change only between two engine steps, per `rollout.weight_update_mode`: `keep` (requests in
@@ -74,7 +74,7 @@ class SamplerEndpoints:
 
 
 class SamplerLoop(ChannelMixin, UpdatesMixin):
-    """One sampler: engine + reward pool + group assembler + request book + sockets.
+    """One sampler: engine + reward host + group assembler + request book + sockets.
 
     Its messages are `ChannelMixin`'s (`speed_async.sampler.channel`), its weight updates `UpdatesMixin`'s
     (`speed_async.sampler.updates`); this class holds the state and runs the turns: work requests, submitting,
@@ -91,31 +91,35 @@ class SamplerLoop(ChannelMixin, UpdatesMixin):
         device: str = "cpu",
         reward_cpus: set[int] | None = None,
     ) -> None:
-        from transformers import AutoTokenizer
-
         from speed_async.sampler.engine import Engine, SamplingSettings
 
         self.config = config
         self.sampler_id = sampler_id
         rollout = config.rollout
-        self.engine = Engine(
-            model_path,
-            device=device,
-            dtype=config.model.engine_dtype,
-            seed=config.trainer.seed * 1000 + sampler_id,
-            max_model_len=config.data.max_prompt_length + rollout.max_response_length,
-            gpu_memory_utilization=rollout.gpu_memory_utilization,
-            enforce_eager=rollout.enforce_eager,
-            max_num_seqs=rollout.max_num_seqs,
-        )
+        # The reward host (a process) and ZeroMQ's I/O thread wake hundreds of times a second: on the reward
+        # workers' cores other than the engine's where there are any (a thread waking that often on the engine's
+        # core costs it 5-8%: benchmarks/results/sampler-throughput_cpu-2core_2026-12-05.md). The host starts
+        # first, so that its workers import their reward functions while the engine starts.
+        side_cpus = set(reward_cpus) - os.sched_getaffinity(0) if reward_cpus else set()
+        self.scorer = Scorer(config, model_path, cpus=reward_cpus, host_cpus=side_cpus)
+        try:
+            self.engine = Engine(
+                model_path,
+                device=device,
+                dtype=config.model.engine_dtype,
+                seed=config.trainer.seed * 1000 + sampler_id,
+                max_model_len=config.data.max_prompt_length + rollout.max_response_length,
+                gpu_memory_utilization=rollout.gpu_memory_utilization,
+                enforce_eager=rollout.enforce_eager,
+                max_num_seqs=rollout.max_num_seqs,
+            )
+        except BaseException:
+            self.scorer.close()
+            raise
         log.info("engine dtype %s (model.engine_dtype = %s)", self.engine.dtype, config.model.engine_dtype)
         self.settings = SamplingSettings(
             temperature=rollout.temperature, top_p=rollout.top_p, max_tokens=rollout.max_response_length, seed=None
         )
-        # The reward pump and ZeroMQ's I/O threads wake hundreds of times a second: on the reward workers' cores
-        # other than the engine's where there are any (on the engine's they cost it 5-8%, see sampler/scoring.py).
-        side_cpus = set(reward_cpus) - os.sched_getaffinity(0) if reward_cpus else set()
-        self.scorer = Scorer(config, AutoTokenizer.from_pretrained(model_path), cpus=reward_cpus, pump_cpus=side_cpus)
         self.assembler = self._new_assembler()
         self.book = RequestBook()
         self.clock = ActivityClock("idle_work")
@@ -198,12 +202,12 @@ class SamplerLoop(ChannelMixin, UpdatesMixin):
             self._open(work, count, version, None)
 
     def _open(self, work: PromptWork, count: int, version: int, eval_version: int | None) -> None:
-        for rid in self.book.open(work, count, version, eval_version):
-            self.engine.submit(rid, work.prompt_token_ids, self.settings)
-            self.counters["requests"] += 1
+        ids = self.book.open(work, count, version, eval_version)
+        self.engine.submit_many(ids, work.prompt_token_ids, self.settings)
+        self.counters["requests"] += len(ids)
 
     def _run_engine(self) -> None:
-        """One engine step; its finished samples go to the reward pool."""
+        """One engine step; its finished samples go to the reward host."""
         train, evals = self.book.in_flight()
         self.counters["engine_steps"] += 1
         self.counters["sequence_steps"] += train + evals

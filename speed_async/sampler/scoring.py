@@ -1,40 +1,43 @@
-"""Scoring beside generation: finished samples go to the reward workers, scored responses come back later.
+"""Scoring beside generation: finished samples go to the reward host, scored responses come back later.
 
-The engine hands over each sample as it finishes; `Scorer.submit` decodes it and passes it to the reward pool
-(`speed_async.rewards.RewardPool`, worker processes: the data source's reward function, reward.functions or
-builtin, else Math-Verify) without waiting. `Scorer.collect` takes the scores that
-came back so far (the sampler calls it after every engine step) and returns each as a `Response` carrying its
-reward (score + DAPO overlong penalty) and the versions of the weights that generated it. So the engine never
-waits for a score: scoring runs on other cores while the next engine steps run. `Scorer.take_stats` hands
-over what the pool counted per data source of the training samples (evaluation samples are not counted).
+The engine hands over each sample as it finishes; `Scorer.submit` sends the token ids of one engine step's
+finished samples, in one message, to the reward host (`speed_async.sampler.score_host`: a process of its own on
+the reward workers' cores other than the engine's, which decodes them and keeps the reward workers
+(`speed_async.rewards.RewardPool`: the data source's reward function, reward.functions or builtin, else
+Math-Verify) busy without waiting. `Scorer.collect` takes the scores that came back so far (the sampler calls it
+after every engine step) and returns each as a `Response` carrying its reward (score + DAPO overlong penalty)
+and the versions of the weights that generated it. So the engine never waits for a score, and no scoring work
+(decoding, the pool's bookkeeping at each worker answer) runs in the engine's process: scoring runs on other
+cores while the next engine steps run. `Scorer.take_stats` hands over what the pool counted per data source of the
+training samples (evaluation samples are not counted), as the host reports it with the scores.
 
-A pump thread keeps the reward workers busy: the pool hands a worker its next item only inside `poll`, and
-the main loop polls once per engine step, so a worker would idle from the moment it finished an item until the
-end of the engine step (measured: about one item per 25-ms step, most of a round's scores arriving only after
-its last engine step). While samples are pending the thread waits for a worker's answer (outside the pool's
-lock, which `submit` needs), polls, and queues what comes back; a worker gets its next item within milliseconds.
-The thread runs on `pump_cpus` (the sampler passes the reward workers' cores other than the engine's, where there
-are any): it wakes a few hundred times a second, and a thread that wakes that often on the engine's core costs
-the engine 5-8% of its tokens/s (a thread waking 420 / 1,350 times a second: -5.1% / -8.4% on the same core,
-+0.6% on the other; bare eager engine, one core, 2026-12-05).
+Every wait is bounded: the host must say it is ready within `HOST_STARTUP_S`; a host that dies, or reports that
+its pool failed (e.g. a replacement worker that cannot start), makes the next `collect` raise, naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
-import os
-import queue
-import threading
+import multiprocessing
+import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from speed_async.config import Config
 from speed_async.curriculum.groups import Response
-from speed_async.rewards import RewardItem, RewardPool, SourceStats, effective_functions, overlong_penalty
+from speed_async.rewards import SourceStats, effective_functions, overlong_penalty
 from speed_async.sampler.inflight import Stage
+from speed_async.sampler.score_host import HostSpec, serve
 
 log = logging.getLogger("speed_async.sampler")
-PUMP_WAIT_S = 0.005
-"""Longest wait of the pump thread for a worker's answer before it polls anyway (deadlines, new items)."""
+HOST_STARTUP_S = 120.0
+"""Longest wait for the reward host to start its workers (each imports its reward functions; Math-Verify takes a
+few seconds) and say it is ready."""
+HOST_STOP_S = 5.0
+"""Longest wait for the reward host to exit when asked, before it is killed."""
 
 
 @dataclass(frozen=True)
@@ -49,28 +52,41 @@ class _Owner:
 
 
 class Scorer:
-    """Reward pool + the samples it is scoring, by ticket."""
+    """The reward host process + the samples it is scoring, by ticket."""
 
     def __init__(
-        self, config: Config, tokenizer: object, *, cpus: set[int] | None = None, pump_cpus: set[int] | None = None
+        self,
+        config: Config,
+        tokenizer_path: str,
+        *,
+        cpus: set[int] | None = None,
+        host_cpus: set[int] | None = None,
     ) -> None:
-        self.pool = RewardPool(
+        """Start the reward host (without waiting for it: the first `submit` or `collect` does). The HF tokenizer
+        at `tokenizer_path` decodes the samples' token ids; the workers run on `cpus`, the host on `host_cpus`
+        (default: the caller's cores)."""
+        spec = HostSpec(
             num_workers=config.pipeline.reward_workers,
             timeout_s=config.pipeline.reward_timeout_s,
-            cpus=cpus,
             functions=effective_functions(config.reward.functions),
+            tokenizer_path=tokenizer_path,
+            worker_cpus=frozenset(cpus) if cpus else None,
+            host_cpus=frozenset(host_cpus) if host_cpus else None,
         )
-        self._pump_cpus = pump_cpus
-        self.tokenizer = tokenizer
+        context = multiprocessing.get_context("spawn")  # the caller holds threads and ZeroMQ sockets: no fork
+        self._conn, child = context.Pipe()
+        # Not a daemon: daemonic processes may not start the reward workers. `close` stops it; if this process
+        # dies, the host reads EOF and exits.
+        self.process = context.Process(target=serve, args=(child, spec), name="reward-host", daemon=False)
+        self.process.start()
+        child.close()
+        self._started = time.monotonic()
+        self._ready = False
         self.buffer = config.algorithm.overlong_buffer
         self.max_len = config.rollout.max_response_length
         self._owners: dict[int, _Owner] = {}
-        self._scores: queue.SimpleQueue[dict[int, float]] = queue.SimpleQueue()
-        self._submitted = threading.Event()
-        self._closing = threading.Event()
-        self._error: BaseException | None = None
-        self._pump = threading.Thread(target=self._pump_loop, name="reward-pump", daemon=True)
-        self._pump.start()
+        self._tickets = itertools.count()
+        self._stats: dict[str, SourceStats] = {}
 
     @property
     def pending(self) -> int:
@@ -79,60 +95,74 @@ class Scorer:
 
     def submit(self, finished: list[tuple[Stage, int, object, int, int]]) -> None:
         """Queue (stage, sample index, completion, version at submission, version at finish) for scoring."""
-        items = [
-            RewardItem(
-                self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
-                stage.work.ground_truth,
-                stage.work.data_source,
-                stage.work.extra,
-                counted=not stage.is_eval,
-            )
-            for stage, _, c, _, _ in finished
-        ]
-        for ticket, owner in zip(self.pool.submit(items), finished, strict=True):
+        if not finished:
+            return
+        self._wait_ready()
+        tickets = [next(self._tickets) for _ in finished]
+        for ticket, owner in zip(tickets, finished, strict=True):
             self._owners[ticket] = _Owner(*owner)
-        self._submitted.set()
+        works = [stage.work for stage, *_ in finished]
+        msg = (
+            "items",
+            tickets,
+            [np.asarray(c.token_ids) for _, _, c, _, _ in finished],
+            [w.ground_truth for w in works],
+            [w.data_source for w in works],
+            [w.extra for w in works],
+            [not stage.is_eval for stage, *_ in finished],
+        )
+        self._send(msg)
 
-    def _pump_loop(self) -> None:
-        """Poll the pool while it holds unfinished items, so workers get their next item as they finish."""
-        if self._pump_cpus:
-            try:
-                os.sched_setaffinity(0, self._pump_cpus)  # this thread only (Linux: 0 is the calling thread)
-            except OSError as err:  # scoring still works where it runs now, only a little slower
-                log.warning(
-                    "the reward pump thread stays on its cores: pinning it to %s failed: %s", self._pump_cpus, err
-                )
+    def _send(self, msg: object) -> None:
         try:
-            while not self._closing.is_set():
-                if not self.pool.num_unfinished:
-                    self._submitted.wait(0.05)
-                    self._submitted.clear()
-                    continue
-                self.pool.wait_for_answer(PUMP_WAIT_S)
-                done = self.pool.poll(0.0)
-                if done:
-                    self._scores.put(done)
-        except BaseException as err:  # e.g. a replacement worker that fails to start: raised by collect()
-            if not self._closing.is_set():
-                self._error = err
+            self._conn.send(msg)
+        except OSError as err:
+            raise RuntimeError(f"the reward host (pid {self.process.pid}) is gone: {self._exit_text()}") from err
 
-    def _scored(self, timeout_s: float) -> dict[int, float]:
-        """Scores the pump thread received, waiting up to `timeout_s` for the first batch of them."""
-        if self._error is not None:
-            raise RuntimeError(f"the reward pool failed: {self._error}") from self._error
+    def _exit_text(self) -> str:
+        self.process.join(timeout=1)
+        code = self.process.exitcode
+        return "still running" if code is None else f"exit code {code}"
+
+    def _wait_ready(self) -> None:
+        """Wait (at most what is left of HOST_STARTUP_S since the start) for the host's first message."""
+        while not self._ready:
+            left = HOST_STARTUP_S - (time.monotonic() - self._started)
+            if left <= 0:
+                raise RuntimeError(
+                    f"the reward host (pid {self.process.pid}) did not start its reward workers within "
+                    f"{HOST_STARTUP_S:g} s"
+                )
+            self._receive(min(left, 1.0))
+
+    def _receive(self, timeout_s: float) -> dict[int, float]:
+        """The host's messages that arrived (waiting up to `timeout_s` for the first): scores by ticket."""
         found: dict[int, float] = {}
         try:
-            found.update(self._scores.get(timeout=timeout_s) if timeout_s > 0 else self._scores.get_nowait())
-            while True:
-                found.update(self._scores.get_nowait())
-        except queue.Empty:
-            pass
+            ready = self._conn.poll(timeout_s)
+            while ready:
+                msg = self._conn.recv()
+                if msg[0] == "scores":
+                    found.update(msg[1])
+                    for source, stats in msg[2].items():
+                        self._stats.setdefault(source, SourceStats()).merge(stats)
+                elif msg[0] == "ready":
+                    self._ready = True
+                    if msg[1]:
+                        log.warning("the reward host process stays on its cores: %s", msg[1])
+                else:  # ("failed", text): the host exits after it
+                    raise RuntimeError(f"the reward pool failed: {msg[1]}")
+                ready = self._conn.poll(0)
+        except (EOFError, OSError) as err:
+            raise RuntimeError(f"the reward host (pid {self.process.pid}) is gone: {self._exit_text()}") from err
         return found
 
     def collect(self, timeout_s: float) -> list[tuple[Stage, int, Response]]:
         """The responses scored so far (waiting up to `timeout_s` for the first), as (stage, index, response)."""
+        if not self._ready:
+            self._wait_ready()
         out = []
-        for ticket, score in self._scored(timeout_s).items():
+        for ticket, score in self._receive(timeout_s if self._owners else 0.0).items():
             owner = self._owners.pop(ticket, None)
             if owner is None:
                 continue
@@ -152,16 +182,20 @@ class Scorer:
         return out
 
     def take_stats(self) -> dict[str, SourceStats]:
-        """Per data source, the training samples scored since the previous call (see RewardPool)."""
-        return self.pool.take_source_stats()
+        """Per data source, the training samples scored since the previous call (as the host reported them)."""
+        stats, self._stats = self._stats, {}
+        return stats
 
     def forget(self) -> None:
         """Drop every pending sample (their late scores are ignored)."""
         self._owners.clear()
 
     def close(self) -> None:
-        """Stop the pump thread and the reward workers."""
-        self._closing.set()
-        self._submitted.set()
-        self._pump.join(timeout=5)
-        self.pool.close()
+        """Stop the reward host and its workers (killed if they do not exit within HOST_STOP_S)."""
+        with contextlib.suppress(OSError):  # already gone
+            self._conn.send(None)
+        self.process.join(timeout=HOST_STOP_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=HOST_STOP_S)
+        self._conn.close()

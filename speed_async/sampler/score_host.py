@@ -1,0 +1,103 @@
+"""The reward host: a process of its own that decodes the sampler's finished samples and keeps the reward workers
+busy, so that none of that Python runs in the engine's process.
+
+```
+  sampler process (engine's core)                 reward host (other cores)            reward workers
+  Scorer.submit ── ("items", tickets, ...) ──pipe──► decode, RewardPool.submit ──────► score, one item each
+  Scorer.collect ◄─ ("scores", {ticket: s}, stats) ── RewardPool.poll ◄──────────────── answers
+  Scorer.close ──── None ─────────────────────────► close the pool, exit (also on EOF: the sampler is gone)
+```
+Why a process and not a thread: the reward pool is driven by a loop that wakes at every worker answer (hundreds
+of times a second), and a thread of the sampler's process takes the GIL at each wake. The engine step is
+Python between its torch calls, so every wake can hold it up: with a pump thread the sampler pipeline kept 0.85 of
+the bare engine, with scores made instantly (no pool, no pump) 0.90 (`benchmarks/sampler_throughput.py`,
+bfloat16, compiled, 2026-12-05). Here the sampler's share is one pickled message per engine step and the
+messages it receives; the decoding moves out as well.
+
+Messages, sampler to host: ("items", tickets, token_ids, ground_truths, data_sources, extras, counted), or None
+to stop. Host to sampler: ("ready", pin_error) once, then ("scores", {ticket: score}, {source: SourceStats}) as
+workers answer (the stats of the counted items scored since the previous message), or ("failed", text) once
+before it exits on an error. The host exits when the sampler's end of the pipe closes (the sampler died); the
+workers exit when the host is gone (`speed_async.rewards.worker`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from speed_async.rewards import RewardItem, RewardPool
+
+HOST_WAIT_S = 0.005
+"""Longest wait for a message or a worker's answer while items are being scored (deadlines are checked after it)."""
+HOST_IDLE_WAIT_S = 0.5
+"""Longest wait for a message while nothing is being scored."""
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """What the host needs to start: the pool's settings, the tokenizer, the cores."""
+
+    num_workers: int
+    timeout_s: float
+    functions: Mapping[str, str] = field(default_factory=dict)
+    tokenizer_path: str = ""
+    """The HF tokenizer that decodes the token ids."""
+    worker_cpus: frozenset[int] | None = None
+    host_cpus: frozenset[int] | None = None
+
+
+def serve(conn: Connection, spec: HostSpec) -> None:
+    """The host's main (the target of its process): start the pool, then score until told to stop."""
+    pin_error = None
+    if spec.host_cpus:
+        try:
+            os.sched_setaffinity(0, spec.host_cpus)
+        except OSError as err:  # scoring still works where it runs now
+            pin_error = f"pinning it to {set(spec.host_cpus)} failed: {err}"
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
+        pool = RewardPool(
+            num_workers=spec.num_workers,
+            timeout_s=spec.timeout_s,
+            cpus=set(spec.worker_cpus) if spec.worker_cpus else None,
+            functions=spec.functions,
+        )
+    except BaseException as err:
+        conn.send(("failed", f"the reward workers did not start: {type(err).__name__}: {err}"))
+        return
+    try:
+        conn.send(("ready", pin_error))
+        _loop(conn, pool, tokenizer)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the sampler is gone
+    except BaseException as err:  # e.g. a replacement worker that fails to start
+        with contextlib.suppress(OSError):
+            conn.send(("failed", f"{type(err).__name__}: {err}"))
+    finally:
+        pool.close()
+
+
+def _loop(conn: Connection, pool: RewardPool, tokenizer: Any) -> None:
+    theirs: dict[int, int] = {}  # pool ticket -> the sampler's ticket
+    while True:
+        pool.wait_for_answer(HOST_WAIT_S if theirs else HOST_IDLE_WAIT_S, also=(conn,))
+        while conn.poll():
+            msg = conn.recv()
+            if msg is None:
+                return
+            _, tickets, token_ids, truths, sources, extras, counted = msg
+            texts = tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+            items = [RewardItem(*fields) for fields in zip(texts, truths, sources, extras, counted, strict=True)]
+            for ours, ticket in zip(pool.submit(items), tickets, strict=True):
+                theirs[ours] = ticket
+        if theirs:
+            done = pool.poll(0.0)
+            if done:
+                conn.send(("scores", {theirs.pop(t): s for t, s in done.items()}, pool.take_source_stats()))
