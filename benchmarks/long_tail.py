@@ -3,7 +3,7 @@
 The workload is `builtin:sums` (multi-operand sums worked column by column; responses from about 20 to over 400
 tokens, median 39) with the model warm-started on it (`builtin:tiny-long`), SPEED screening (n_init 4,
 n_continue 12). Two arms, the same engine settings (configs/tiny-cpu-longtail.toml: max_num_seqs 128,
-gen_batch_size 32, eager), the same prompts:
+gen_batch_size 32, torch.compile, dtype auto; `--set` changes them for both), the same prompts:
 
 - continuous: the sampler as it is (`SamplerLoop`): requests submitted as soon as they are known, a
   continuation as soon as its screen is scored and the dispatcher says go (here: at once, for every qualified
