@@ -21,8 +21,11 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.util
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 import numpy as np
 
@@ -80,6 +83,9 @@ class Scorer:
         self.process = context.Process(target=serve, args=(child, spec), name="reward-host", daemon=False)
         self.process.start()
         child.close()
+        # multiprocessing joins non-daemon children at interpreter exit, after running its finalizers: this one
+        # stops the host first when the sampler exits without `close` (an error on the way out).
+        self._stop = multiprocessing.util.Finalize(self, _stop_host, args=(self._conn, self.process), exitpriority=10)
         self._started = time.monotonic()
         self._ready = False
         self.buffer = config.algorithm.overlong_buffer
@@ -192,10 +198,15 @@ class Scorer:
 
     def close(self) -> None:
         """Stop the reward host and its workers (killed if they do not exit within HOST_STOP_S)."""
-        with contextlib.suppress(OSError):  # already gone
-            self._conn.send(None)
-        self.process.join(timeout=HOST_STOP_S)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=HOST_STOP_S)
-        self._conn.close()
+        self._stop()
+
+
+def _stop_host(conn: Connection, process: BaseProcess) -> None:
+    """Ask the host to exit; kill it if it has not within HOST_STOP_S."""
+    with contextlib.suppress(OSError):  # already gone
+        conn.send(None)
+    process.join(timeout=HOST_STOP_S)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=HOST_STOP_S)
+    conn.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -97,3 +99,23 @@ def test_a_host_that_dies_is_named_by_the_next_collect(tiny_model_dir: Path) -> 
             scorer.collect(0.1)
     finally:
         scorer.close()
+
+
+def test_a_sampler_that_exits_without_close_stops_its_host(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """multiprocessing joins non-daemon children at exit: the scorer's finalizer must stop the host first."""
+    script = tmp_path / "exit_without_close.py"
+    script.write_text(
+        "import sys\n"
+        "from speed_async.config import load_config\n"
+        "from speed_async.sampler.scoring import Scorer\n"
+        "if __name__ == '__main__':\n"
+        f"    scorer = Scorer(load_config(None, ['pipeline.reward_workers=1']), {str(tiny_model_dir)!r})\n"
+        "    scorer.collect(0.0)\n"
+        "    print(scorer.process.pid, flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True)
+    host = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{host}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{host}").exists(), f"the reward host {host} outlived its sampler"
