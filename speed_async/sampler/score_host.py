@@ -10,9 +10,10 @@ busy, so that none of that Python runs in the engine's process.
 Why a process and not a thread: the reward pool is driven by a loop that wakes at every worker answer (hundreds
 of times a second), and a thread of the sampler's process takes the GIL at each wake. The engine step is
 Python between its torch calls, so every wake can hold it up: with a pump thread the sampler pipeline kept 0.85 of
-the bare engine, with scores made instantly (no pool, no pump) 0.90 (`benchmarks/sampler_throughput.py`,
-bfloat16, compiled, 2026-12-05). Here the sampler's share is one pickled message per engine step and the
-messages it receives; the decoding moves out as well.
+the bare engine, with scores made instantly (no pool, no pump) 0.90, with this host 0.90 (3 pairs each; 0.902
+over 5 pairs; `benchmarks/sampler_throughput.py --compile --dtype bfloat16 --rounds 8`, 2026-12-05). Here the
+sampler's share is one pickled message per engine step and the messages it receives; the decoding moves out
+as well.
 
 Messages, sampler to host: ("items", tickets, token_ids, ground_truths, data_sources, extras, counted), or None
 to stop. Host to sampler: ("ready", pin_error) once, then ("scores", {ticket: score}, {source: SourceStats}) as
