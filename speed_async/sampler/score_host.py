@@ -43,11 +43,11 @@ HOST_IDLE_WAIT_S = 0.5
 class HostSpec:
     """What the host needs to start: the pool's settings, the tokenizer, the cores."""
 
+    tokenizer_path: str
+    """The HF tokenizer that decodes the token ids."""
     num_workers: int
     timeout_s: float
     functions: Mapping[str, str] = field(default_factory=dict)
-    tokenizer_path: str = ""
-    """The HF tokenizer that decodes the token ids."""
     worker_cpus: frozenset[int] | None = None
     host_cpus: frozenset[int] | None = None
 

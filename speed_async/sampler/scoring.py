@@ -123,12 +123,14 @@ class Scorer:
         try:
             self._conn.send(msg)
         except OSError as err:
-            raise RuntimeError(f"the reward host (pid {self.process.pid}) is gone: {self._exit_text()}") from err
+            raise self._gone() from err
 
-    def _exit_text(self) -> str:
+    def _gone(self) -> RuntimeError:
+        """The error for a host whose pipe broke, with its exit code."""
         self.process.join(timeout=1)
         code = self.process.exitcode
-        return "still running" if code is None else f"exit code {code}"
+        state = "still running" if code is None else f"exit code {code}"
+        return RuntimeError(f"the reward host (pid {self.process.pid}) is gone: {state}")
 
     def _wait_ready(self) -> None:
         """Wait (at most what is left of HOST_STARTUP_S since the start) for the host's first message."""
@@ -160,13 +162,12 @@ class Scorer:
                     raise RuntimeError(f"the reward pool failed: {msg[1]}")
                 ready = self._conn.poll(0)
         except (EOFError, OSError) as err:
-            raise RuntimeError(f"the reward host (pid {self.process.pid}) is gone: {self._exit_text()}") from err
+            raise self._gone() from err
         return found
 
     def collect(self, timeout_s: float) -> list[tuple[Stage, int, Response]]:
         """The responses scored so far (waiting up to `timeout_s` for the first), as (stage, index, response)."""
-        if not self._ready:
-            self._wait_ready()
+        self._wait_ready()
         out = []
         for ticket, score in self._receive(timeout_s if self._owners else 0.0).items():
             owner = self._owners.pop(ticket, None)
