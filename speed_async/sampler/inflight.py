@@ -67,6 +67,8 @@ class RequestBook:
         self._stages: dict[int, Stage] = {}  # by id(stage), oldest first
         self._serial = itertools.count()
         self._share = 0.0  # engine seconds per request in flight, integrated over steps
+        self._eval_requests = 0  # counted as they come and go: the loop reads them every engine step
+        self._screens = 0
 
     def open(self, work: PromptWork, count: int, version: int, eval_version: int | None = None) -> list[str]:
         """A new stage of `count` samples of `work` at engine version `version`; returns its request ids."""
@@ -79,6 +81,10 @@ class RequestBook:
             self._requests[rid] = _Request(stage, i, version, self._share)
             stage.outstanding.add(rid)
         self._stages[id(stage)] = stage
+        if stage.is_eval:
+            self._eval_requests += count
+        elif work.stage == "screen":
+            self._screens += 1
         return ids
 
     def charge(self, seconds: float) -> None:
@@ -88,8 +94,12 @@ class RequestBook:
 
     def in_flight(self) -> tuple[int, int]:
         """(training requests, evaluation requests) in the engine."""
-        evals = sum(1 for r in self._requests.values() if r.stage.is_eval)
-        return len(self._requests) - evals, evals
+        return len(self._requests) - self._eval_requests, self._eval_requests
+
+    @property
+    def screening(self) -> int:
+        """Open screening stages (training prompts whose first samples are not all scored yet)."""
+        return self._screens
 
     def finish(self, request_id: str) -> tuple[Stage, int, int] | None:
         """The engine finished `request_id`: (its stage, sample index, version at submission), or None for a
@@ -98,6 +108,8 @@ class RequestBook:
         if request is None:
             return None
         stage = request.stage
+        if stage.is_eval:
+            self._eval_requests -= 1
         stage.outstanding.discard(request_id)
         stage.scoring += 1
         stage.engine_s += self._share - request.share_at_submit
@@ -121,7 +133,8 @@ class RequestBook:
         ids = []
         for stage in stages:
             for rid in stage.outstanding:
-                self._requests.pop(rid, None)
+                if self._requests.pop(rid, None) is not None and stage.is_eval:
+                    self._eval_requests -= 1
                 ids.append(rid)
             stage.outstanding.clear()
             self._close(stage)
@@ -138,8 +151,11 @@ class RequestBook:
             stage.closed = True
         self._requests.clear()
         self._stages.clear()
+        self._eval_requests = self._screens = 0
         return ids
 
     def _close(self, stage: Stage) -> None:
         stage.closed = True
         del self._stages[id(stage)]
+        if not stage.is_eval and stage.work.stage == "screen":
+            self._screens -= 1

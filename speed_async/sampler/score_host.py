@@ -17,7 +17,8 @@ as well.
 
 Messages, sampler to host: ("items", tickets, token_ids, ground_truths, data_sources, extras, counted), or None
 to stop. Host to sampler: ("ready", pin_error) once, then ("scores", {ticket: score}, {source: SourceStats}) as
-workers answer (the stats of the counted items scored since the previous message), or ("failed", text) once
+workers answer, at most HOST_BATCH_S after the first of them (the stats of the counted items scored since the
+previous message), or ("failed", text) once
 before it exits on an error. The host exits when the sampler's end of the pipe closes (the sampler died); the
 workers exit when the host is gone (`speed_async.rewards.worker`).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -37,6 +39,9 @@ HOST_WAIT_S = 0.005
 """Longest wait for a message or a worker's answer while items are being scored (deadlines are checked after it)."""
 HOST_IDLE_WAIT_S = 0.5
 """Longest wait for a message while nothing is being scored."""
+HOST_BATCH_S = 0.01
+"""Scores wait up to this long for more before they go to the sampler in one message (at once when nothing else
+is being scored): each message costs the engine's process a read, and the sampler reads once a turn anyway."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,13 @@ def serve(conn: Connection, spec: HostSpec) -> None:
 
 def _loop(conn: Connection, pool: RewardPool, tokenizer: Any) -> None:
     theirs: dict[int, int] = {}  # pool ticket -> the sampler's ticket
+    scored: dict[int, float] = {}  # the sampler's ticket -> score, not sent yet
+    due = 0.0  # when `scored` goes out at the latest
     while True:
-        pool.wait_for_answer(HOST_WAIT_S if theirs else HOST_IDLE_WAIT_S, also=(conn,))
+        wait_s = HOST_WAIT_S if theirs else HOST_IDLE_WAIT_S
+        if scored:
+            wait_s = min(wait_s, max(0.0, due - time.monotonic()))
+        pool.wait_for_answer(wait_s, also=(conn,))
         while conn.poll():
             msg = conn.recv()
             if msg is None:
@@ -100,5 +110,9 @@ def _loop(conn: Connection, pool: RewardPool, tokenizer: Any) -> None:
                 theirs[ours] = ticket
         if theirs:
             done = pool.poll(0.0)
-            if done:
-                conn.send(("scores", {theirs.pop(t): s for t, s in done.items()}, pool.take_source_stats()))
+            if done and not scored:
+                due = time.monotonic() + HOST_BATCH_S
+            scored.update((theirs.pop(t), s) for t, s in done.items())
+        if scored and (not theirs or time.monotonic() >= due):
+            conn.send(("scores", scored, pool.take_source_stats()))
+            scored = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -80,6 +81,29 @@ def test_aborted_stages_leave_the_book_and_late_results_are_ignored() -> None:
     assert not book.add_response(stage, index, _response(0, 0))  # its score arrives: ignored
     assert [s.work.prompt_id for s in book.stages()] == [2]
     assert sorted(book.clear()) == sorted(keep)
+
+
+def test_the_counts_the_loop_reads_every_step_follow_open_finish_abort_and_clear() -> None:
+    """in_flight and screening are counted as stages come and go (the loop reads them every engine step)."""
+    book = RequestBook()
+    screen = book.open(_work(1), 2, version=0)
+    evals = book.open(_work(2), 3, version=0, eval_version=0)
+    book.open(replace(_work(3), stage="continue"), 3, version=0)
+    assert (book.in_flight(), book.screening) == ((5, 3), 1)
+    book.finish(evals[0])
+    assert book.in_flight() == (5, 2)
+    book.abort(lambda s: s.work.prompt_id == 3)  # training stages only, as the loop aborts them
+    assert (book.in_flight(), book.screening) == ((2, 2), 1)
+    for rid in screen:
+        found = book.finish(rid)
+    for i in range(2):
+        book.add_response(found[0], i, _response(0, 0))  # the screen completes: it is no longer screening
+    assert (book.in_flight(), book.screening) == ((0, 2), 0)
+    book.abort(lambda s: s.is_eval)
+    assert book.in_flight() == (0, 0)
+    book.open(_work(4), 2, version=1)
+    book.open(_work(5), 1, version=1, eval_version=1)
+    assert len(book.clear()) == 3 and (book.in_flight(), book.screening) == ((0, 0), 0)
 
 
 def test_activity_clock_charges_each_interval_to_what_the_loop_did() -> None:

@@ -1,0 +1,54 @@
+"""`move_group_threads`: the threads of gloo process groups leave the engine's core, the caller's thread stays."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from speed_async.sampler.engine import move_group_threads
+engine, helper = int(sys.argv[1]), int(sys.argv[2])
+os.sched_setaffinity(0, {engine})  # as a sampler's engine thread, before its groups start their threads
+dist.init_process_group("gloo", init_method="file://" + sys.argv[3], rank=0, world_size=1)
+group = dist.new_group([0], backend="gloo")  # a second group, as vLLM makes several
+moved = move_group_threads({helper})
+where = {}
+for tid in os.listdir("/proc/self/task"):
+    name = open(f"/proc/self/task/{tid}/comm").read().strip()
+    where.setdefault(name, set()).update(os.sched_getaffinity(int(tid)))
+main = sorted(os.sched_getaffinity(0))
+print(json.dumps({"moved": moved, "where": {k: sorted(v) for k, v in where.items()}, "main": main}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread affinity through /proc is Linux only")
+def test_gloo_threads_move_to_the_helper_cores_and_the_callers_thread_stays(tmp_path: Path) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores: one for the engine, one for the group threads")
+    engine, helper = cores[-1], cores[0]
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(engine), str(helper), str(tmp_path / "store")],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    gloo = {name: cpus for name, cpus in found["where"].items() if "gloo" in name}
+    assert found["moved"] >= 2 and gloo, found  # at least one loop thread per group
+    assert all(cpus == [helper] for cpus in gloo.values()), found
+    assert found["main"] == [engine], found  # the caller's thread stays
+
+
+def test_nothing_moves_without_helper_cores() -> None:
+    from speed_async.sampler.engine import move_group_threads
+
+    before = os.sched_getaffinity(0)
+    assert move_group_threads(set()) == 0
+    assert os.sched_getaffinity(0) == before
