@@ -11,13 +11,14 @@ as the launcher's CPU plan puts them, and this process plays the dispatcher ther
 (`--compile`: both with torch.compile, as the shipped configs' samplers run) with float32 weights (`--dtype
 bfloat16`: both in bfloat16).
 
-The arms take turns, slice by slice, `--repeats` pairs in alternating order (bare first, then pipeline first, ...),
+The arms take turns, slice by slice, `--repeats` pairs in rotating order (bare first, then pipeline first, ...),
 so a drift of the machine hits both alike (this host's speed moves by 10% over minutes); the arm not running is
-stopped with SIGSTOP (vLLM's process groups leave 13 gloo threads in each engine's process that wake ~150 times a
-second each, on the engine's core). `--also
-KEY=VALUE,...` adds a pipeline with other sampler settings as a third arm of the same run (e.g. `--also
-rollout.max_num_seqs=128`). Prints a table, then one JSON line with `pipeline_over_bare`, the median of the pairs'
-ratios.
+stopped with SIGSTOP (an idle engine's process still has threads that wake). All that `--restarts` times with
+fresh processes: two processes of the same arm and settings can differ by a few % for their whole life here
+(0.922 vs 0.949 of the bare engine for two identical samplers in one run; the cause is not established, memory
+layout is the usual suspect), so one start per arm would carry that into every pair. `--also KEY=VALUE,...` adds
+a pipeline with other sampler settings as a third arm of the same run (each arm then takes each place in the
+order as often). Prints a table, then one JSON line with `pipeline_over_bare`, the median of the pairs' ratios.
 
     python benchmarks/sampler_throughput.py [--quick] [--compile] [--dtype bfloat16] [--also rollout.max_num_seqs=128]
 """
@@ -230,7 +231,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8, help="rounds per slice")
-    parser.add_argument("--repeats", type=int, default=6, help="slice pairs; the median ratio is reported")
+    parser.add_argument("--repeats", type=int, default=2, help="slice pairs per start of the arms' processes")
+    parser.add_argument("--restarts", type=int, default=4, help="starts of fresh processes for both arms")
     parser.add_argument("--engine-cores", default=None, help="cores of the engine (default: the last core)")
     parser.add_argument(
         "--compile", action="store_true", help="both arms with torch.compile (rollout.enforce_eager = false, as the "
@@ -241,7 +243,7 @@ def main() -> None:
     parser.add_argument("--arm", choices=["bare"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.rounds, args.repeats = 32, 4, 2
+        args.prompts, args.rounds, args.repeats, args.restarts = 32, 4, 2, 1
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -264,20 +266,24 @@ def main() -> None:
     os.sched_setaffinity(0, {int(c) for c in reward_cores.split(",")})
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": args.engine_cores}
     also = [kv for kv in (args.also or "").split(",") if kv]
-    arms: dict[str, BareArm | PipelineArm] = {}
-    try:
-        arms["bare"] = BareArm(args, env)
-        arms["pipeline"] = PipelineArm(args, reward_cores, [])
-        if also:
-            arms[f"pipeline[{','.join(also)}]"] = PipelineArm(args, reward_cores, also)
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
-        for i in range(args.repeats):  # alternating order: a drift within a pair hits each arm first as often
-            for name in list(arms) if i % 2 == 0 else list(reversed(arms)):
-                arm = arms[name]
-                runs[name].append(arm.run() if isinstance(arm, BareArm) else arm.run(args.rounds))
-    finally:
-        for arm in arms.values():
-            arm.close()
+    names = ["bare", "pipeline", *([f"pipeline[{','.join(also)}]"] if also else [])]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for restart in range(args.restarts):  # fresh processes: each has its own memory layout, worth a few % either way
+        arms: dict[str, BareArm | PipelineArm] = {}
+        try:
+            arms["bare"] = BareArm(args, env)
+            arms["pipeline"] = PipelineArm(args, reward_cores, [])
+            if also:
+                arms[names[2]] = PipelineArm(args, reward_cores, also)
+            for i in range(args.repeats):  # rotating order: each arm runs first (of 3: each place) as often
+                k = (restart * args.repeats + i) % len(names)
+                for name in names[k:] + names[:k]:
+                    arm = arms[name]
+                    runs[name].append(arm.run() if isinstance(arm, BareArm) else arm.run(args.rounds))
+        finally:
+            for arm in arms.values():
+                arm.close()
+    pairs = args.restarts * args.repeats
     ratios = {
         name: [p["tokens_per_s"] / b["tokens_per_s"] for b, p in zip(runs["bare"], rs, strict=True)]
         for name, rs in runs.items()
@@ -285,14 +291,14 @@ def main() -> None:
     }
     print(
         f"sampler throughput: {args.prompts} prompts x n={args.n}, <= {args.max_tokens} tokens, {args.rounds} rounds "
-        f"per slice, {args.repeats} pairs interleaved, engine on core(s) {args.engine_cores}, reward workers on "
-        f"{reward_cores}, {'torch.compile' if args.compile else 'eager'}, {args.dtype}"
+        f"per slice, {args.restarts} starts x {args.repeats} pairs interleaved, engine on core(s) {args.engine_cores}, "
+        f"reward workers on {reward_cores}, {'torch.compile' if args.compile else 'eager'}, {args.dtype}"
     )
     print_table(
         ["pair", "arm", "tokens", "seconds", "tokens/s", "over bare"],
         [
             [i, name, r["tokens"], r["seconds"], r["tokens_per_s"], ratios[name][i] if name in ratios else 1.0]
-            for i in range(args.repeats)
+            for i in range(pairs)
             for name, rs in runs.items()
             for r in rs[i : i + 1]
         ],

@@ -18,9 +18,8 @@ as well.
 Messages, sampler to host: ("items", tickets, token_ids, ground_truths, data_sources, extras, counted), or None
 to stop. Host to sampler: ("ready", pin_error) once, then ("scores", {ticket: score}, {source: SourceStats}) as
 workers answer, at most HOST_BATCH_S after the first of them (the stats of the counted items scored since the
-previous message), or ("failed", text) once
-before it exits on an error. The host exits when the sampler's end of the pipe closes (the sampler died); the
-workers exit when the host is gone (`speed_async.rewards.worker`).
+previous message), or ("failed", text) once before it exits on an error. The host exits when the sampler's end
+of the pipe closes (the sampler died); the workers exit when the host is gone (`speed_async.rewards.worker`).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ HOST_IDLE_WAIT_S = 0.5
 """Longest wait for a message while nothing is being scored."""
 HOST_BATCH_S = 0.01
 """Scores wait up to this long for more before they go to the sampler in one message (at once when nothing else
-is being scored): each message costs the engine's process a read, and the sampler reads once a turn anyway."""
+is being scored): each message costs the engine's process a read, and the sampler reads once an engine step anyway."""
 
 
 @dataclass(frozen=True)
