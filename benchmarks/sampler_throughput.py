@@ -90,8 +90,11 @@ class BareArm:
                 "--engine-cores", args.engine_cores, "--dtype", args.dtype]  # fmt: skip
         argv += ["--compile"] if args.compile else []
         self.log = tempfile.NamedTemporaryFile(prefix="bench-bare-", suffix=".log", delete=False)  # noqa: SIM115
+        from speed_async.lifetime import preexec_die_with_parent
+
+        # Killed with this process even while stopped (SIGKILL reaches a stopped process; a closed stdin would not).
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env)  # fmt: skip
+                                     env=env, preexec_fn=preexec_die_with_parent())  # fmt: skip
         self._read()  # ready
         os.kill(self.proc.pid, signal.SIGSTOP)  # as the sampler between its slices: not one thread wakes
 
@@ -225,7 +228,7 @@ class PipelineArm:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a reduced run (about 2 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="a reduced run (1-2 minutes on 2 cores)")
     parser.add_argument("--model", default=None, help="HF model dir (default: the embedded tiny model)")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=8)
@@ -268,7 +271,7 @@ def main() -> None:
     also = [kv for kv in (args.also or "").split(",") if kv]
     names = ["bare", "pipeline", *([f"pipeline[{','.join(also)}]"] if also else [])]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for restart in range(args.restarts):  # fresh processes: each has its own memory layout, worth a few % either way
+    for restart in range(args.restarts):  # fresh processes: each keeps its own speed, a few % either way
         arms: dict[str, BareArm | PipelineArm] = {}
         try:
             arms["bare"] = BareArm(args, env)
