@@ -43,6 +43,11 @@ class Stage:
         return self.eval_version is not None
 
     @property
+    def is_screen(self) -> bool:
+        """A training prompt's first samples (SPEED's screen, or a plain group)."""
+        return not self.is_eval and self.work.stage == "screen"
+
+    @property
     def complete(self) -> bool:
         return len(self.responses) == self.expected
 
@@ -81,10 +86,8 @@ class RequestBook:
             self._requests[rid] = _Request(stage, i, version, self._share)
             stage.outstanding.add(rid)
         self._stages[id(stage)] = stage
-        if stage.is_eval:
-            self._eval_requests += count
-        elif work.stage == "screen":
-            self._screens += 1
+        self._eval_requests += count if stage.is_eval else 0
+        self._screens += stage.is_screen
         return ids
 
     def charge(self, seconds: float) -> None:
@@ -157,5 +160,4 @@ class RequestBook:
     def _close(self, stage: Stage) -> None:
         stage.closed = True
         del self._stages[id(stage)]
-        if not stage.is_eval and stage.work.stage == "screen":
-            self._screens -= 1
+        self._screens -= stage.is_screen
