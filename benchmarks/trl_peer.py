@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "trl_curve.json").write_text(json.dumps(trained, indent=1))
         return 0
     require_trl()
+    if args.use_vllm:  # its engine gets a speed-async sampler's huge pages (its trainer's tensors too: TRL's favour)
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     trained = train(args)
     (args.out / "trl_train.json").write_text(json.dumps(trained, indent=1))
     return 0

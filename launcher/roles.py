@@ -202,6 +202,10 @@ def run_sampler(
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        from speed_async.sampler.engine import enable_cpu_huge_pages
+
+        enable_cpu_huge_pages()  # before the engine allocates its weights and KV cache
 
     def resolve() -> SamplerEndpoints:
         found = endpoints() if callable(endpoints) else endpoints
