@@ -15,11 +15,12 @@ over 5 pairs; `benchmarks/sampler_throughput.py --compile --dtype bfloat16 --rou
 sampler's share is one pickled message per engine step and the messages it receives; the decoding moves out
 as well.
 
-Messages, sampler to host: ("items", tickets, token_ids, ground_truths, data_sources, extras, counted), or None
-to stop. Host to sampler: ("ready", pin_error) once, then ("scores", {ticket: score}, {source: SourceStats}) as
-workers answer, at most HOST_BATCH_S after the first of them (the stats of the counted items scored since the
-previous message), or ("failed", text) once before it exits on an error. The host exits when the sampler's end
-of the pipe closes (the sampler died); the workers exit when the host is gone (`speed_async.rewards.worker`).
+Messages, sampler to host: ("items", tickets, token ids (int32 bytes, the samples one after the other), their
+lengths, ground_truths, data_sources, extras, counted), or None to stop. Host to sampler: ("ready", pin_error)
+once, then ("scores", {ticket: score}, {source: SourceStats}) as workers answer, at most HOST_BATCH_S after the
+first of them (the stats of the counted items scored since the previous message), or ("failed", text) once before
+it exits on an error. The host exits when the sampler's end of the pipe closes (the sampler died); the workers
+exit when the host is gone (`speed_async.rewards.worker`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
+
+import numpy as np
 
 from speed_async.rewards import RewardItem, RewardPool
 
@@ -102,8 +105,11 @@ def _loop(conn: Connection, pool: RewardPool, tokenizer: Any) -> None:
             msg = conn.recv()
             if msg is None:
                 return
-            _, tickets, token_ids, truths, sources, extras, counted = msg
-            texts = tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+            _, tickets, flat, lengths, truths, sources, extras, counted = msg
+            ends = np.cumsum(lengths).tolist()
+            tokens = np.frombuffer(flat, dtype=np.int32).tolist()
+            texts = tokenizer.batch_decode([tokens[e - n : e] for e, n in zip(ends, lengths, strict=True)],
+                                           skip_special_tokens=True)  # fmt: skip
             items = [RewardItem(*fields) for fields in zip(texts, truths, sources, extras, counted, strict=True)]
             for ours, ticket in zip(pool.submit(items), tickets, strict=True):
                 theirs[ours] = ticket
