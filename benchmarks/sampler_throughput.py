@@ -18,9 +18,13 @@ fresh processes: two processes of the same arm and settings can differ by a few 
 (0.922 vs 0.949 of the bare engine for two identical samplers in one run; the cause is not established, memory
 layout is the usual suspect), so one start per arm would carry that into every pair. `--also KEY=VALUE,...` adds
 a pipeline with other sampler settings as a third arm of the same run (each arm then takes each place in the
-order as often). Prints a table, then one JSON line with `pipeline_over_bare`, the median of the pairs' ratios.
+order as often). `--stream` adds the streaming limit (`benchmarks/stream_arm.py`): an engine process that only
+submits whole prompts as slots free, steps and sends the finished samples back, nothing of the sampler's own
+work; `stream_over_bare` is the price of streaming itself, `pipeline_over_stream` the price of the sampler's
+work. Every engine arm runs with a sampler's CPU huge pages (`enable_cpu_huge_pages`). Prints a table, then one
+JSON line with `pipeline_over_bare`, the median of the pairs' ratios.
 
-    python benchmarks/sampler_throughput.py [--quick] [--compile] [--dtype bfloat16] [--also rollout.max_num_seqs=128]
+    python benchmarks/sampler_throughput.py [--quick] [--compile] [--dtype bfloat16] [--stream] [--also KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit, machine, print_table
+from benchmarks.stream_arm import StreamArm, stream_server
 
 SLICE_TIMEOUT_S = 600.0
 """Longest a slice may take in either arm before the benchmark gives up (naming the arm)."""
@@ -62,8 +67,9 @@ def bare_server(
     model: str, count: int, n: int, max_tokens: int, rounds: int, eager: bool, dtype: str, helper_cpus: set[int]
 ) -> None:
     """The bare arm's process: one engine; each "run" line on stdin generates one slice and prints its JSON."""
-    from speed_async.sampler.engine import Engine, SamplingSettings
+    from speed_async.sampler.engine import Engine, SamplingSettings, enable_cpu_huge_pages
 
+    enable_cpu_huge_pages()  # as a sampler on CPU does (launcher.roles.run_sampler)
     prompts, _ = _prompts(model, count)
     # Its process groups' threads go where a sampler's go, off the engine's cores: the same engine in both arms.
     engine = Engine(model, dtype=dtype, max_model_len=256, enforce_eager=eager, helper_cpus=helper_cpus)
@@ -81,14 +87,19 @@ def bare_server(
     engine.close()
 
 
+def _arm_argv(args: argparse.Namespace, arm: str) -> list[str]:
+    """The command line of an engine arm's own process (started pinned to the engine's cores)."""
+    argv = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--prompts", str(args.prompts),
+            "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds),
+            "--engine-cores", args.engine_cores, "--dtype", args.dtype]  # fmt: skip
+    return argv + (["--compile"] if args.compile else [])
+
+
 class BareArm:
     """The bare engine in its own process (started pinned to the engine's cores)."""
 
     def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
-        argv = [sys.executable, __file__, "--arm", "bare", "--model", args.model, "--prompts", str(args.prompts),
-                "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds),
-                "--engine-cores", args.engine_cores, "--dtype", args.dtype]  # fmt: skip
-        argv += ["--compile"] if args.compile else []
+        argv = _arm_argv(args, "bare")
         self.log = tempfile.NamedTemporaryFile(prefix="bench-bare-", suffix=".log", delete=False)  # noqa: SIM115
         from speed_async.lifetime import preexec_die_with_parent
 
@@ -243,7 +254,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both arms' weights")
     parser.add_argument("--also", default=None, help="a third arm: the pipeline with these KEY=VALUE,... settings")
-    parser.add_argument("--arm", choices=["bare"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stream", action="store_true", help="a third arm: an engine that only streams (benchmarks/stream_arm.py)"
+    )
+    parser.add_argument("--arm", choices=["bare", "stream"], help=argparse.SUPPRESS)
+    parser.add_argument("--fds", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.rounds, args.repeats, args.restarts = 32, 4, 2, 1
@@ -258,26 +273,33 @@ def main() -> None:
     args.engine_cores = args.engine_cores or str(cores[-1])
     engine = {int(c) for c in args.engine_cores.split(",")}
     reward_cores = ",".join(str(c) for c in cores if c not in engine) or args.engine_cores
-    if args.arm == "bare":  # the bare arm's process: pinned before torch starts its threads
+    if args.arm:  # an engine arm's process: pinned before torch starts its threads
         os.sched_setaffinity(0, engine)
         helpers = {int(c) for c in reward_cores.split(",")} - engine
-        bare_server(args.model, args.prompts, args.n, args.max_tokens, args.rounds, not args.compile, args.dtype,
-                    helpers)  # fmt: skip
+        if args.arm == "stream":
+            stream_server(args.fds, args.model, args.max_tokens, not args.compile, args.dtype, helpers)
+        else:
+            bare_server(args.model, args.prompts, args.n, args.max_tokens, args.rounds, not args.compile, args.dtype,
+                        helpers)  # fmt: skip
         return
     where = machine()  # before this process leaves the engine's cores
     # This process plays the dispatcher, which runs in the learner, off the engine's core.
     os.sched_setaffinity(0, {int(c) for c in reward_cores.split(",")})
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": args.engine_cores}
     also = [kv for kv in (args.also or "").split(",") if kv]
-    names = ["bare", "pipeline", *([f"pipeline[{','.join(also)}]"] if also else [])]
+    also_name = f"pipeline[{','.join(also)}]"
+    names = ["bare", "pipeline", *(["stream"] if args.stream else []), *([also_name] if also else [])]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    prompts = _prompts(args.model, args.prompts)[0] if args.stream else []
     for restart in range(args.restarts):  # fresh processes: each keeps its own speed, a few % either way
-        arms: dict[str, BareArm | PipelineArm] = {}
+        arms: dict[str, BareArm | PipelineArm | StreamArm] = {}
         try:
             arms["bare"] = BareArm(args, env)
             arms["pipeline"] = PipelineArm(args, reward_cores, [])
+            if args.stream:
+                arms["stream"] = StreamArm(_arm_argv(args, "stream"), env, prompts, args.n)
             if also:
-                arms[names[2]] = PipelineArm(args, reward_cores, also)
+                arms[also_name] = PipelineArm(args, reward_cores, also)
             for i in range(args.repeats):  # rotating order: each arm runs first (of 3: each place) as often
                 k = (restart * args.repeats + i) % len(names)
                 for name in names[k:] + names[:k]:
@@ -316,10 +338,16 @@ def main() -> None:
         "args": vars(args),
         "machine": where,
     }
+    if args.stream:
+        result["stream_over_bare"] = statistics.median(ratios["stream"])
+        result["stream_over_bare_each"] = ratios["stream"]
+        each = [p / s for p, s in zip(ratios["pipeline"], ratios["stream"], strict=True)]
+        result["pipeline_over_stream"] = statistics.median(each)
+        listed = ", ".join(f"{r:.3f}" for r in each)
+        print(f"pipeline / stream per slice: {listed}; median {statistics.median(each):.3f}")
     if also:
-        name = f"pipeline[{','.join(also)}]"
-        result["also_over_bare"] = statistics.median(ratios[name])
-        result["also_over_bare_each"] = ratios[name]
+        result["also_over_bare"] = statistics.median(ratios[also_name])
+        result["also_over_bare_each"] = ratios[also_name]
     emit(result)
 
 
