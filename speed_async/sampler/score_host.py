@@ -15,12 +15,12 @@ over 5 pairs; `benchmarks/sampler_throughput.py --compile --dtype bfloat16 --rou
 sampler's share is one pickled message per engine step and the messages it receives; the decoding moves out
 as well.
 
-Messages, sampler to host: ("items", tickets, token ids (int32 bytes, the samples one after the other), their
-lengths, ground_truths, data_sources, extras, counted), or None to stop. Host to sampler: ("ready", pin_error)
-once, then ("scores", {ticket: score}, {source: SourceStats}) as workers answer, at most HOST_BATCH_S after the
-first of them (the stats of the counted items scored since the previous message), or ("failed", text) once before
-it exits on an error. The host exits when the sampler's end of the pipe closes (the sampler died); the workers
-exit when the host is gone (`speed_async.rewards.worker`).
+Messages, sampler to host (msgpack): ("items", tickets, token ids (int32 bytes, the samples one after the other),
+their lengths, ground_truths, data_sources, extras, counted), or None to stop. Host to sampler (the pipe's own
+pickling): ("ready", pin_error) once, then ("scores", {ticket: score}, {source: SourceStats}) as workers answer,
+at most HOST_BATCH_S after the first of them (the stats of the counted items scored since the previous message),
+or ("failed", text) once before it exits on an error. The host exits when the sampler's end of the pipe closes
+(the sampler died); the workers exit when the host is gone (`speed_async.rewards.worker`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from speed_async.rewards import RewardItem, RewardPool
@@ -102,7 +103,7 @@ def _loop(conn: Connection, pool: RewardPool, tokenizer: Any) -> None:
             wait_s = min(wait_s, max(0.0, due - time.monotonic()))
         pool.wait_for_answer(wait_s, also=(conn,))
         while conn.poll():
-            msg = conn.recv()
+            msg = msgpack.unpackb(conn.recv_bytes())
             if msg is None:
                 return
             _, tickets, flat, lengths, truths, sources, extras, counted = msg

@@ -22,12 +22,12 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.util
-import pickle
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+import msgpack
 import numpy as np
 
 from speed_async.config import Config
@@ -123,11 +123,11 @@ class Scorer:
         self._send(msg)
 
     def _send(self, msg: object) -> None:
-        """Pickled here, not by the pipe's ForkingPickler (which builds a pickler per message), with the token ids
-        as one buffer, not an array per sample: pickling that message was 0.74% of the sampler loop's py-spy
-        samples (2026-12-05), the largest piece of the loop's own work, run cold after each engine step."""
+        """msgpack, with the token ids as one buffer, not the pipe's pickling of an array per sample: pickling that
+        message (a ForkingPickler per message, a numpy reduction per array) was 0.74% of the sampler loop's py-spy
+        samples (2026-12-05; all of `submit` 1.09%), run cold after each engine step."""
         try:
-            self._conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            self._conn.send_bytes(msgpack.packb(msg))
         except OSError as err:
             raise self._gone() from err
 
@@ -211,7 +211,7 @@ class Scorer:
 def _stop_host(conn: Connection, process: BaseProcess) -> None:
     """Ask the host to exit; kill it if it has not within HOST_STOP_S."""
     with contextlib.suppress(OSError):  # already gone
-        conn.send(None)
+        conn.send_bytes(msgpack.packb(None))
     process.join(timeout=HOST_STOP_S)
     if process.is_alive():
         process.kill()
