@@ -29,10 +29,12 @@ USER_MODULE = '''
 import os, re, time
 
 def score(response, ground_truth, extra):
-    path = os.environ["USER_REWARD_PIDS"]
-    calls = open(path).read().count("\\n") if os.path.exists(path) else 0  # over every worker
-    with open(path, "a") as f:
-        f.write(f"{os.getpid()}\\n")
+    # Which call this is, over every worker: one fixed-width line appended atomically, its end's offset counts the
+    # calls (reading the count, then appending, let two workers take the same number and skip the next).
+    fd = os.open(os.environ["USER_REWARD_PIDS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, f"{os.getpid():>10}\\n".encode())
+    calls = os.lseek(fd, 0, os.SEEK_CUR) // 11 - 1
+    os.close(fd)
     if calls in (41, 101):
         time.sleep(30)  # past pipeline.reward_timeout_s: the worker is killed and replaced
     if calls % 20 == 5:
