@@ -12,6 +12,7 @@ own work.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -111,11 +112,12 @@ class StreamArm:
             seconds = time.perf_counter() - start
             return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
         finally:
-            os.kill(self.proc.pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):  # gone: the error above says so
+                os.kill(self.proc.pid, signal.SIGSTOP)
 
     def close(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
         try:
+            os.kill(self.proc.pid, signal.SIGCONT)
             self.send_to.send(None)
             self.proc.wait(timeout=60)
         except (OSError, subprocess.TimeoutExpired):
