@@ -41,7 +41,8 @@ def _mode() -> str:
 def test_large_cpu_tensors_get_huge_pages() -> None:
     got = _run(None)
     assert got["asked"] is True and got["env"] == "1"
-    assert got["huge_kib"] >= 32 * 1024, got  # most of the 64 MiB tensor (its ends may fall outside 2-MiB pages)
+    # At least one 2-MiB page (here: 62 of the tensor's 64 MiB); without the switch, `madvise` gives none (below).
+    assert got["huge_kib"] >= 2048, got
 
 
 def test_a_user_setting_of_zero_is_kept() -> None:
