@@ -24,6 +24,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from speed_async.sampler.loop import QUEUE_EMA_WEIGHT
+
 STREAM_TIMEOUT_S = 600.0
 """Longest wait for the stream engine's process to start, or to send anything during a slice."""
 
@@ -105,7 +107,7 @@ class StreamArm:
                     self.send_to.send(batch)
                 finished = self._receive()
                 assert isinstance(finished, list)
-                per_step += 0.2 * (len(finished) - per_step)
+                per_step += QUEUE_EMA_WEIGHT * (len(finished) - per_step)  # the sampler's queue policy
                 in_flight -= len(finished)
                 done += len(finished)
                 tokens += sum(len(f[1]) for f in finished)

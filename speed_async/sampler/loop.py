@@ -64,6 +64,8 @@ REWARD_STATS_EVERY_S = 1.0
 """How often the sampler sends the learner what its reward workers counted per data source (RewardStats)."""
 IDLE_WAIT_S = 0.02
 """With nothing to run, how long one turn waits for a message or a score."""
+QUEUE_EMA_WEIGHT = 0.2
+"""Weight of the latest engine step in `finished_per_step`, the moving average that sizes the engine's queue."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ class SamplerLoop(ChannelMixin, UpdatesMixin):
                 stage, index, version = found
                 done.append((stage, index, completion, version, self.engine.version))
                 self.counters["generated_tokens"] += len(completion.token_ids)
-        self.finished_per_step += 0.2 * (len(finished) - self.finished_per_step)
+        self.finished_per_step += QUEUE_EMA_WEIGHT * (len(finished) - self.finished_per_step)
         self.scorer.submit(done)
 
     def _collect_scores(self, timeout_s: float) -> None:
